@@ -1,0 +1,100 @@
+"""``EarlyStopping``: stop when a monitored metric stops improving."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ..errors import ConfigurationError
+from .base import Callback
+
+
+class EarlyStopping(Callback):
+    """Stop ``fit`` after ``patience`` epochs without an improvement of more than ``min_delta``.
+
+    Checked once per epoch, after validation and the epoch schedulers, on the rank-reduced
+    metric, so every rank stops in the same epoch.
+
+    Args:
+        monitor: the metric to watch.
+        min_delta: the smallest change that counts as an improvement.
+        patience: epochs without improvement before stopping.
+        mode: "min" or "max".
+        strict: raise when ``monitor`` was never logged (False: warn and do nothing).
+        check_finite: stop at once when the metric becomes NaN or infinite.
+
+    Raises:
+        ConfigurationError: for a bad ``mode``, a negative ``patience``, or (strict) a metric never logged.
+    """
+
+    monitors_metrics = True
+
+    def __init__(
+        self,
+        monitor: str = "val_loss",
+        min_delta: float = 0.0,
+        patience: int = 3,
+        mode: str = "min",
+        strict: bool = True,
+        check_finite: bool = True,
+        verbose: bool = False,
+    ) -> None:
+        if mode not in ("min", "max"):
+            raise ConfigurationError(f"EarlyStopping(mode={mode!r}) is not allowed: expected 'min' or 'max'.")
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
+            raise ConfigurationError(f"EarlyStopping(patience={patience!r}) is not allowed: expected an int >= 0.")
+        self.monitor = monitor
+        self.min_delta = abs(float(min_delta))
+        self.patience = patience
+        self.mode = mode
+        self.strict = strict
+        self.check_finite = check_finite
+        self.verbose = verbose
+        self.wait_count = 0
+        self.stopped_epoch = 0
+        self.best_score = math.inf if mode == "min" else -math.inf
+        self.stopping_reason = ""
+
+    @property
+    def state_key(self) -> str:
+        return f"EarlyStopping{{monitor={self.monitor!r}, mode={self.mode!r}}}"
+
+    def on_train_epoch_end(self, trainer: Any, module: Any) -> None:
+        metrics = trainer.callback_metrics
+        if self.monitor not in metrics:
+            if self.strict:
+                raise ConfigurationError(
+                    f"EarlyStopping(monitor={self.monitor!r}) could not find that metric. Logged metrics: "
+                    f"{sorted(metrics)}. Log it, or pass strict=False to ignore."
+                )
+            return
+        value = metrics[self.monitor]
+        current = float(value) if isinstance(value, torch.Tensor) else float(value)
+        if self.check_finite and not math.isfinite(current):
+            self._stop(trainer, f"{self.monitor} = {current} is not finite")
+            return
+        improved = current < self.best_score - self.min_delta if self.mode == "min" else current > self.best_score + self.min_delta
+        if improved:
+            self.best_score = current
+            self.wait_count = 0
+            return
+        self.wait_count += 1
+        if self.wait_count >= self.patience:
+            self._stop(trainer, f"{self.monitor} did not improve for {self.wait_count} epochs (best {self.best_score:.6g})")
+
+    def _stop(self, trainer: Any, reason: str) -> None:
+        trainer.should_stop = True
+        self.stopped_epoch = trainer.current_epoch
+        self.stopping_reason = reason
+        if self.verbose and trainer.is_global_zero:
+            print(f"EarlyStopping: stopping at epoch {trainer.current_epoch}: {reason}.")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"wait_count": self.wait_count, "stopped_epoch": self.stopped_epoch, "best_score": self.best_score, "patience": self.patience}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.wait_count = int(state_dict["wait_count"])
+        self.stopped_epoch = int(state_dict["stopped_epoch"])
+        self.best_score = float(state_dict["best_score"])

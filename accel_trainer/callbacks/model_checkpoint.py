@@ -1,0 +1,197 @@
+"""``ModelCheckpoint``: keep the best ``save_top_k`` checkpoints by a monitored metric."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import torch
+
+from ..checkpoint import LAST_NAME
+from ..errors import ConfigurationError
+from .base import Callback
+
+MODES = ("min", "max")
+
+
+class ModelCheckpoint(Callback):
+    """Save checkpoints during ``fit``.
+
+    It runs after the epoch's schedulers stepped (``monitors_metrics``), so every file it
+    writes resumes exactly. The monitored value is the rank-reduced epoch value, so every
+    rank agrees on what is "best". A new checkpoint is complete on disk before any old one
+    is removed.
+
+    Args:
+        dirpath: where to write (default: ``{default_root_dir}/checkpoints``).
+        filename: a format string over ``epoch``, ``step`` and logged metric names
+            (default ``"epoch={epoch}-step={step}"``).
+        monitor: metric to rank checkpoints by (None: keep the most recent).
+        mode: "min" or "max".
+        save_top_k: how many to keep (-1: all, 0: none).
+        save_last: also refresh ``last.ckpt`` in ``dirpath`` whenever this callback saves.
+        every_n_epochs: save every N epochs (default 1 unless ``every_n_train_steps`` is set).
+        every_n_train_steps: save every N ``global_step``s instead.
+
+    Raises:
+        ConfigurationError: for a bad ``mode``, ``save_top_k`` < -1, both intervals set, or
+            (when saving) a ``monitor`` that was never logged.
+    """
+
+    monitors_metrics = True
+
+    def __init__(
+        self,
+        dirpath: str | os.PathLike | None = None,
+        filename: str | None = None,
+        monitor: str | None = None,
+        mode: str = "min",
+        save_top_k: int = 1,
+        save_last: bool | None = None,
+        every_n_epochs: int | None = None,
+        every_n_train_steps: int | None = None,
+    ) -> None:
+        if mode not in MODES:
+            raise ConfigurationError(f"ModelCheckpoint(mode={mode!r}) is not allowed: expected one of {list(MODES)}.")
+        if isinstance(save_top_k, bool) or not isinstance(save_top_k, int) or save_top_k < -1:
+            raise ConfigurationError(f"ModelCheckpoint(save_top_k={save_top_k!r}) is not allowed: expected -1, 0 or a positive int.")
+        if every_n_epochs is not None and every_n_train_steps is not None:
+            raise ConfigurationError(
+                f"ModelCheckpoint(every_n_epochs={every_n_epochs}, every_n_train_steps={every_n_train_steps}): set one of them."
+            )
+        for name, value in (("every_n_epochs", every_n_epochs), ("every_n_train_steps", every_n_train_steps)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigurationError(f"ModelCheckpoint({name}={value!r}) is not allowed: expected a positive int.")
+        self.dirpath = os.fspath(dirpath) if dirpath is not None else None
+        self.filename = filename or "epoch={epoch}-step={step}"
+        self.monitor = monitor
+        self.mode = mode
+        self.save_top_k = save_top_k
+        self.save_last = save_last
+        self.every_n_train_steps = every_n_train_steps
+        self.every_n_epochs = every_n_epochs if every_n_epochs is not None else (None if every_n_train_steps else 1)
+        self.best_k_models: dict[str, float] = {}
+        self.best_model_path = ""
+        self.best_model_score: float | None = None
+        self.last_model_path = ""
+        self._recent: list[str] = []
+
+    @property
+    def state_key(self) -> str:
+        return f"ModelCheckpoint{{monitor={self.monitor!r}, mode={self.mode!r}}}"
+
+    def setup(self, trainer: Any, module: Any, stage: str) -> None:
+        if self.dirpath is None:
+            self.dirpath = trainer.checkpoint_dir
+
+    def on_train_epoch_end(self, trainer: Any, module: Any) -> None:
+        if self.every_n_epochs and trainer.current_epoch % self.every_n_epochs == 0:
+            self._save(trainer)
+
+    def on_train_batch_end(self, trainer: Any, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        n = self.every_n_train_steps
+        if n and trainer.global_step > 0 and trainer.global_step % n == 0 and trainer.global_step != getattr(self, "_last_step_saved", -1):
+            self._last_step_saved = trainer.global_step
+            self._save(trainer)
+
+    # -- saving -------------------------------------------------------------------------------
+    def _save(self, trainer: Any) -> None:
+        if self.save_top_k == 0:
+            if self.save_last:
+                self._save_last(trainer)
+            return
+        score = self._current_score(trainer)
+        path = self._format_path(trainer)
+        if self.monitor is None:
+            trainer.save_checkpoint(path)
+            self._recent.append(path)
+            self.best_model_path = path
+            keep = self.save_top_k if self.save_top_k > 0 else len(self._recent)
+            while len(self._recent) > keep:
+                self._remove(trainer, self._recent.pop(0))
+        elif self._is_better(score):
+            trainer.save_checkpoint(path)
+            self.best_k_models[path] = score
+            if self.save_top_k > 0 and len(self.best_k_models) > self.save_top_k:
+                worst = self._worst()
+                del self.best_k_models[worst]
+                if worst != path:
+                    self._remove(trainer, worst)
+            best = self._best()
+            self.best_model_path, self.best_model_score = best, self.best_k_models[best]
+        if self.save_last:
+            self._save_last(trainer)
+
+    def _save_last(self, trainer: Any) -> None:
+        path = os.path.join(self.dirpath, LAST_NAME)
+        trainer.save_checkpoint(path)
+        self.last_model_path = path
+
+    def _current_score(self, trainer: Any) -> float | None:
+        if self.monitor is None:
+            return None
+        metrics = trainer.callback_metrics
+        if self.monitor not in metrics:
+            raise ConfigurationError(
+                f"ModelCheckpoint(monitor={self.monitor!r}) could not find that metric. Logged metrics: "
+                f"{sorted(metrics)}. Log it with self.log({self.monitor!r}, ...) or monitor one of these."
+            )
+        value = metrics[self.monitor]
+        return float(value) if isinstance(value, torch.Tensor) else float(value)
+
+    def _is_better(self, score: float | None) -> bool:
+        if score is None or math.isnan(score):
+            return False
+        if self.save_top_k == -1 or len(self.best_k_models) < self.save_top_k:
+            return True
+        worst = self.best_k_models[self._worst()]
+        return score < worst if self.mode == "min" else score > worst
+
+    def _worst(self) -> str:
+        pick = max if self.mode == "min" else min
+        return pick(self.best_k_models, key=self.best_k_models.get)
+
+    def _best(self) -> str:
+        pick = min if self.mode == "min" else max
+        return pick(self.best_k_models, key=self.best_k_models.get)
+
+    def _format_path(self, trainer: Any) -> str:
+        values = {"epoch": trainer.current_epoch, "step": trainer.global_step}
+        for k, v in trainer.callback_metrics.items():
+            values.setdefault(k, float(v))
+        try:
+            name = self.filename.format(**values)
+        except KeyError as err:
+            raise ConfigurationError(
+                f"ModelCheckpoint(filename={self.filename!r}) names {err}, which is neither epoch, step nor a logged "
+                f"metric ({sorted(trainer.callback_metrics)})."
+            ) from err
+        path = os.path.join(self.dirpath, name + ".ckpt")
+        if path in self.best_k_models or path in self._recent:
+            # the same name twice (e.g. a filename without {step}): keep both distinct
+            path = os.path.join(self.dirpath, f"{name}-v{trainer.global_step}.ckpt")
+        return path
+
+    @staticmethod
+    def _remove(trainer: Any, path: str) -> None:
+        if trainer.is_global_zero and os.path.exists(path):
+            os.remove(path)
+
+    # -- state --------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "monitor": self.monitor,
+            "best_model_score": self.best_model_score,
+            "best_model_path": self.best_model_path,
+            "best_k_models": dict(self.best_k_models),
+            "last_model_path": self.last_model_path,
+            "recent": list(self._recent),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best_model_score = state_dict.get("best_model_score")
+        self.best_model_path = state_dict.get("best_model_path", "")
+        self.best_k_models = {k: float(v) for k, v in state_dict.get("best_k_models", {}).items()}
+        self.last_model_path = state_dict.get("last_model_path", "")
+        self._recent = list(state_dict.get("recent", []))

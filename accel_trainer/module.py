@@ -1,0 +1,330 @@
+"""``TrainingModule``: the model-side half of the API (hooks, ``self.log``, hyperparameters).
+
+A ``TrainingModule`` is a plain ``torch.nn.Module`` with documented no-op hooks. The
+``Trainer`` calls them by name; overriding one is the only way to change its behaviour.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import warnings
+from typing import TYPE_CHECKING, Any, Mapping
+
+import torch
+
+from .optim import requires_closure
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .trainer import Trainer
+
+
+class AttributeDict(dict):
+    """A dict whose keys read as attributes: ``self.hparams.learning_rate``."""
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self[key]
+        except KeyError as err:
+            raise AttributeError(f"hparams has no {key!r}; it has {sorted(self)}") from err
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        self[key] = value
+
+    def __delattr__(self, key: str) -> None:
+        del self[key]
+
+
+class TrainingModule(torch.nn.Module):
+    """Base class for what you train: a ``torch.nn.Module`` plus training hooks.
+
+    Override ``training_step`` and ``configure_optimizers`` (and optionally
+    ``validation_step``/``test_step`` and any ``on_*`` hook). The trainer calls
+    ``training_step(batch, batch_idx, optimizer_idx)`` through the (possibly DDP-wrapped,
+    autocast) model, once per optimizer per batch; ``optimizer_idx`` is passed only when
+    there is more than one optimizer.
+
+    Example:
+        >>> class Regressor(TrainingModule):
+        ...     def __init__(self, lr=0.1):
+        ...         super().__init__()
+        ...         self.save_hyperparameters()
+        ...         self.net = torch.nn.Linear(3, 1)
+        ...     def training_step(self, batch, batch_idx):
+        ...         x, y = batch
+        ...         loss = torch.nn.functional.mse_loss(self.net(x), y)
+        ...         self.log("train_loss", loss)
+        ...         return loss
+        ...     def configure_optimizers(self):
+        ...         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        object.__setattr__(self, "_trainer", None)
+        object.__setattr__(self, "_hparams", AttributeDict())
+        self.automatic_optimization: bool = True
+
+    # -- trainer-backed views -------------------------------------------------------------------
+    @property
+    def trainer(self) -> "Trainer | None":
+        return self._trainer
+
+    @trainer.setter
+    def trainer(self, trainer: "Trainer | None") -> None:
+        object.__setattr__(self, "_trainer", trainer)
+
+    @property
+    def current_epoch(self) -> int:
+        return self._trainer.current_epoch if self._trainer is not None else 0
+
+    @property
+    def global_step(self) -> int:
+        return self._trainer.global_step if self._trainer is not None else 0
+
+    @property
+    def device(self) -> torch.device:
+        for p in self.parameters():
+            return p.device
+        for b in self.buffers():
+            return b.device
+        if self._trainer is not None:
+            return self._trainer.accelerator.device
+        return torch.device("cpu")
+
+    # -- hyperparameters --------------------------------------------------------------------------
+    @property
+    def hparams(self) -> AttributeDict:
+        return self._hparams
+
+    @hparams.setter
+    def hparams(self, value: Mapping[str, Any] | argparse.Namespace) -> None:
+        if isinstance(value, argparse.Namespace):
+            value = vars(value)
+        if not isinstance(value, Mapping):
+            raise TypeError(f"hparams must be a dict or an argparse.Namespace, received {type(value).__name__}.")
+        object.__setattr__(self, "_hparams", AttributeDict(value))
+
+    def save_hyperparameters(self, *names: str, ignore: list[str] | str | None = None) -> None:
+        """Fill ``self.hparams`` from the arguments of the calling ``__init__``.
+
+        Args:
+            *names: only these arguments (default: all).
+            ignore: arguments to leave out (e.g. a large tensor or a submodule).
+        """
+        frame = inspect.currentframe().f_back
+        try:
+            init_args = _collect_init_args(frame)
+        finally:
+            del frame
+        ignore = [ignore] if isinstance(ignore, str) else list(ignore or [])
+        if len(names) == 1 and isinstance(names[0], (dict, argparse.Namespace)):
+            self.hparams = names[0]
+            return
+        selected = {k: v for k, v in init_args.items() if (not names or k in names) and k not in ignore}
+        self._hparams.update(selected)
+
+    # -- logging --------------------------------------------------------------------------------
+    def log(
+        self,
+        name: str,
+        value: Any,
+        on_step: bool | None = None,
+        on_epoch: bool | None = None,
+        prog_bar: bool = False,
+        logger: bool = True,
+        sync_dist: bool = False,
+        reduce_fx: Any = "mean",
+        batch_size: int | None = None,
+    ) -> None:
+        """Record a metric.
+
+        In ``training_step`` the defaults are ``on_step=True, on_epoch=False``; in
+        ``validation_step``/``test_step`` and epoch-end hooks ``on_step=False, on_epoch=True``.
+        Epoch values are means weighted by ``batch_size`` (inferred from the batch when not
+        given) over the whole epoch and across all ranks. A ``torchmetrics.Metric`` value is
+        computed and reset by the trainer at epoch end.
+        """
+        trainer = self._trainer
+        if trainer is None or trainer._metrics is None:
+            warnings.warn(f"self.log({name!r}) was called outside a Trainer run and is ignored.", UserWarning, stacklevel=2)
+            return
+        trainer._metrics.log(name, value, on_step, on_epoch, prog_bar, logger, sync_dist, reduce_fx, batch_size)
+
+    def log_dict(self, dictionary: Mapping[str, Any], **kwargs: Any) -> None:
+        """``self.log`` every item of ``dictionary`` with the same options."""
+        for name, value in dictionary.items():
+            self.log(name, value, **kwargs)
+
+    # -- manual optimization --------------------------------------------------------------------
+    def optimizers(self) -> Any:
+        """The prepared optimizer (one) or list of optimizers (several)."""
+        opts = self._require_trainer("optimizers").optimizers
+        return opts[0] if len(opts) == 1 else opts
+
+    def lr_schedulers(self) -> Any:
+        """The prepared scheduler (one), list of schedulers (several) or ``None``."""
+        cfgs = self._require_trainer("lr_schedulers").lr_schedulers
+        if not cfgs:
+            return None
+        return cfgs[0].scheduler if len(cfgs) == 1 else [c.scheduler for c in cfgs]
+
+    def manual_backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
+        """``loss.backward()`` through the accelerator (mixed-precision scaling, DeepSpeed…)."""
+        self._require_trainer("manual_backward").accelerator.backward(loss, **kwargs)
+
+    def _require_trainer(self, what: str) -> "Trainer":
+        if self._trainer is None:
+            raise RuntimeError(f"self.{what}() is only available while a Trainer runs this module.")
+        return self._trainer
+
+    # -- the steps ------------------------------------------------------------------------------
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        """Return the loss (a scalar tensor), a dict with ``"loss"``, or ``None`` to skip."""
+        raise NotImplementedError(f"{type(self).__name__} must implement training_step(batch, batch_idx).")
+
+    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+        """Log validation metrics with ``self.log``; a returned scalar becomes ``val_loss``."""
+
+    def test_step(self, *args: Any, **kwargs: Any) -> Any:
+        """Log test metrics with ``self.log``; a returned scalar becomes ``test_loss``."""
+
+    def configure_optimizers(self) -> Any:
+        """Return the optimizers and schedulers, in any form of CONTRACT.md."""
+        raise NotImplementedError(
+            f"{type(self).__name__} does not define configure_optimizers(). Return an optimizer (or any accepted form) "
+            "from it, or return None to run forward passes only."
+        )
+
+    def optimizer_step(
+        self,
+        current_epoch: int,
+        batch_nb: int,
+        optimizer: torch.optim.Optimizer,
+        optimizer_i: int,
+        second_order_closure: Any = None,
+    ) -> None:
+        """Step ``optimizer`` and zero its gradients; override to decide when each optimizer steps.
+
+        The default passes ``second_order_closure`` to optimizers that need one (LBFGS). An
+        override may skip steps or change learning rates; the trainer never steps an
+        optimizer behind its back and counts only the steps that really happen.
+        """
+        if requires_closure(optimizer):
+            optimizer.step(second_order_closure)
+        else:
+            optimizer.step()
+        optimizer.zero_grad()
+
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        """Step one scheduler; override for schedulers with an unusual ``step`` signature."""
+        if metric is None:
+            scheduler.step()
+        else:
+            scheduler.step(metric)
+
+    # -- data (optional) --------------------------------------------------------------------------
+    # train_dataloader / val_dataloader / test_dataloader are looked up by name when defined.
+
+    # -- hooks (no-ops) -------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """Before anything else in fit/validate/test (``stage`` is "fit", "validate" or "test")."""
+
+    def teardown(self, stage: str) -> None:
+        """After everything else in fit/validate/test."""
+
+    def on_fit_start(self) -> None:
+        """After optimizers are prepared, before the sanity check and training."""
+
+    def on_fit_end(self) -> None:
+        """At the very end of fit."""
+
+    def on_train_start(self) -> None:
+        """Before the first training epoch."""
+
+    def on_train_end(self) -> None:
+        """After the last training epoch."""
+
+    def on_train_epoch_start(self) -> None:
+        """Before the first batch of each training epoch."""
+
+    def on_train_epoch_end(self) -> None:
+        """After the epoch's batches and its end-of-epoch validation, before epoch schedulers step."""
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> Any:
+        """Before each training batch; return -1 to end the epoch early."""
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """After each training batch (after its optimizer steps)."""
+
+    def on_validation_start(self) -> None:
+        """Before a validation run."""
+
+    def on_validation_end(self) -> None:
+        """After a validation run, its metrics reduced across ranks."""
+
+    def on_validation_epoch_start(self) -> None:
+        """Before the first validation batch."""
+
+    def on_validation_epoch_end(self) -> None:
+        """After the last validation batch, before metrics are reduced (log here)."""
+
+    def on_validation_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Before each validation batch."""
+
+    def on_validation_batch_end(self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """After each validation batch."""
+
+    def on_test_start(self) -> None:
+        """Before a test run."""
+
+    def on_test_end(self) -> None:
+        """After a test run."""
+
+    def on_test_epoch_start(self) -> None:
+        """Before the first test batch."""
+
+    def on_test_epoch_end(self) -> None:
+        """After the last test batch (log here)."""
+
+    def on_test_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Before each test batch."""
+
+    def on_test_batch_end(self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """After each test batch."""
+
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        """Before ``backward(loss)``."""
+
+    def on_after_backward(self) -> None:
+        """After ``backward``, before clipping and ``optimizer_step``."""
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """On an accumulation boundary, after clipping, before ``optimizer_step``."""
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Add entries to a checkpoint being saved."""
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Read entries from a checkpoint being loaded."""
+
+
+def _collect_init_args(frame: Any) -> dict[str, Any]:
+    """Arguments of the ``__init__`` frames up the stack (subclass frames override parents')."""
+    collected: dict[str, Any] = {}
+    chain = []
+    while frame is not None and frame.f_code.co_name == "__init__" and "self" in frame.f_locals:
+        chain.append(frame)
+        frame = frame.f_back
+    for f in chain:  # innermost __init__ first, so the outermost subclass (the user's call) wins
+        code = f.f_code
+        n = code.co_argcount + code.co_kwonlyargcount
+        names = list(code.co_varnames[:n])
+        local = f.f_locals
+        for name in names:
+            if name != "self" and name in local:
+                collected[name] = local[name]
+        if code.co_flags & inspect.CO_VARKEYWORDS:
+            varkw = code.co_varnames[n + bool(code.co_flags & inspect.CO_VARARGS)]
+            collected.update(local.get(varkw, {}))
+    return {k: v for k, v in collected.items() if not k.startswith("__")}

@@ -1,0 +1,156 @@
+"""When each optimizer counts a step, and when each scheduler advances.
+
+Two mechanisms, both driven by explicit counters in :class:`~accel_trainer.state.TrainingState`:
+
+* :class:`StepTracker` hangs a pre- and a post-hook on every torch optimizer. The post-hook
+  runs only when the optimizer's own ``step`` really ran, so a step the fp16 ``GradScaler``
+  skipped (it never calls ``step`` on overflow) or one a user's ``optimizer_step`` override
+  decided not to take is never counted. The pre-hook applies the declarative warm-up for the
+  duration of that one step only, so the scheduler keeps seeing (and compounding) its own
+  learning rate and the warm-up composes multiplicatively with any scheduler, including
+  ``ReduceLROnPlateau``.
+* :class:`SchedulerRunner` decides when schedulers step: step-interval ones after every
+  ``frequency``-th *real* step of their optimizer, epoch-interval ones after every
+  ``frequency``-th epoch, plateau ones with the (already rank-reduced) monitored metric.
+  It steps the user's scheduler exactly once per due step, whatever the number of
+  processes (Accelerate's wrapper would step it ``num_processes`` times).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+
+from .errors import ConfigurationError
+from .optim import SchedulerConfig, unwrap_optimizer
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .state import TrainingState
+
+
+def warmup_factor(step_index: int, warmup_steps: int | None) -> float:
+    """The seed's warm-up as a pure function: the multiplier for the k-th real step (k from 0)."""
+    if not warmup_steps:
+        return 1.0
+    return min(1.0, (step_index + 1) / warmup_steps)
+
+
+class StepTracker:
+    """Counts the real steps of each optimizer and applies per-optimizer warm-up.
+
+    Args:
+        optimizers: the (prepared or raw) optimizers, in ``configure_optimizers`` order.
+        state: the training state whose ``optimizer_steps`` list is incremented in place.
+        warmup_steps: per optimizer, the warm-up length or ``None``.
+    """
+
+    def __init__(self, optimizers: list, state: "TrainingState", warmup_steps: list[int | None]) -> None:
+        self._state = state
+        self._warmup = list(warmup_steps)
+        self._saved_lrs: list[list[float] | None] = [None] * len(optimizers)
+        self._handles = []
+        for i, opt in enumerate(optimizers):
+            raw = unwrap_optimizer(opt)
+            self._handles.append(raw.register_step_pre_hook(self._make_pre_hook(i)))
+            self._handles.append(raw.register_step_post_hook(self._make_post_hook(i)))
+
+    def _make_pre_hook(self, i: int) -> Callable:
+        def pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            factor = warmup_factor(self._state.optimizer_steps[i], self._warmup[i])
+            if factor != 1.0:
+                self._saved_lrs[i] = [g["lr"] for g in optimizer.param_groups]
+                for g in optimizer.param_groups:
+                    g["lr"] = _scale(g["lr"], factor)
+
+        return pre_hook
+
+    def _make_post_hook(self, i: int) -> Callable:
+        def post_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            saved = self._saved_lrs[i]
+            if saved is not None:
+                # Restore the scheduler's own value: it must not compound the warm-up factor.
+                for g, lr in zip(optimizer.param_groups, saved):
+                    g["lr"] = lr
+                self._saved_lrs[i] = None
+            self._state.optimizer_steps[i] += 1
+
+        return post_hook
+
+    def effective_lrs(self, i: int, optimizer: torch.optim.Optimizer) -> list[float]:
+        """The learning rates optimizer ``i``'s next real step will use (warm-up applied)."""
+        factor = warmup_factor(self._state.optimizer_steps[i], self._warmup[i])
+        return [float(g["lr"]) * factor for g in unwrap_optimizer(optimizer).param_groups]
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+def _scale(lr: Any, factor: float) -> Any:
+    # A tensor learning rate (capturable/fused optimizers) is scaled out of place so the saved
+    # value is not mutated underneath us.
+    return lr * factor
+
+
+class SchedulerRunner:
+    """Steps schedulers when they are due.
+
+    Args:
+        configs: every parsed scheduler config (``scheduler`` already prepared).
+        num_optimizers: how many optimizers there are.
+        step_fn: ``module.lr_scheduler_step(scheduler, metric)``.
+        metrics: a callable returning the current ``callback_metrics`` mapping.
+    """
+
+    def __init__(
+        self,
+        configs: list[SchedulerConfig],
+        num_optimizers: int,
+        step_fn: Callable[[Any, Any], None],
+        metrics: Callable[[], dict],
+    ) -> None:
+        self.configs = configs
+        self._step_fn = step_fn
+        self._metrics = metrics
+        self.step_schedulers: list[list[SchedulerConfig]] = [[] for _ in range(num_optimizers)]
+        self.epoch_schedulers: list[SchedulerConfig] = []
+        for cfg in configs:
+            if cfg.interval == "step":
+                self.step_schedulers[cfg.opt_idx].append(cfg)
+            else:
+                self.epoch_schedulers.append(cfg)
+
+    def after_optimizer_steps(self, opt_idx: int, steps_before: int, steps_after: int) -> None:
+        """Advance optimizer ``opt_idx``'s step schedulers for each real step just taken."""
+        for n in range(steps_before + 1, steps_after + 1):
+            for cfg in self.step_schedulers[opt_idx]:
+                if n % cfg.frequency == 0:
+                    self._step(cfg)
+
+    def after_epoch(self, completed_epochs: int) -> None:
+        """Advance epoch-interval schedulers after the ``completed_epochs``-th epoch."""
+        for cfg in self.epoch_schedulers:
+            if completed_epochs % cfg.frequency == 0:
+                self._step(cfg)
+
+    def _step(self, cfg: SchedulerConfig) -> None:
+        metric = None
+        if cfg.reduce_on_plateau:
+            metrics = self._metrics()
+            if cfg.monitor not in metrics:
+                available = sorted(metrics)
+                msg = (
+                    f"ReduceLROnPlateau (scheduler of optimizer {cfg.opt_idx}) monitors {cfg.monitor!r}, which was "
+                    f"never logged. Logged metrics: {available}. Log it with self.log({cfg.monitor!r}, ...) or set "
+                    "'monitor' to one of these"
+                )
+                if cfg.strict:
+                    raise ConfigurationError(msg + ", or set 'strict': False to skip the step with a warning.")
+                warnings.warn(msg + "; the scheduler step is skipped ('strict': False).", UserWarning, stacklevel=2)
+                return
+            value = metrics[cfg.monitor]
+            metric = float(value) if isinstance(value, torch.Tensor) else value
+        self._step_fn(cfg.scheduler, metric)

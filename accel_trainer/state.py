@@ -1,0 +1,51 @@
+"""The training counters, in one object that round-trips through ``state_dict()``.
+
+Every schedule in accel_trainer is a function of these counters, never of how many times
+a hook happened to be called, so restoring this object restores every schedule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class TrainingState:
+    """Counters of a fit.
+
+    Attributes:
+        current_epoch: the epoch being trained (0-based); after ``fit`` returns, the number of
+            completed epochs.
+        global_step: accumulation boundaries passed so far (batches on which the optimizers had
+            the chance to step), the same on every rank. 0 during the first batch.
+        optimizer_steps: real (not skipped) steps taken by each optimizer.
+        batches_done_in_epoch: training batches of ``current_epoch`` already consumed; lets a
+            mid-epoch checkpoint resume exactly at the next batch.
+    """
+
+    current_epoch: int = 0
+    global_step: int = 0
+    optimizer_steps: list[int] = field(default_factory=list)
+    batches_done_in_epoch: int = 0
+
+    def reset_for(self, num_optimizers: int) -> None:
+        self.current_epoch = 0
+        self.global_step = 0
+        self.optimizer_steps = [0] * num_optimizers
+        self.batches_done_in_epoch = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "current_epoch": self.current_epoch,
+            "global_step": self.global_step,
+            "optimizer_steps": list(self.optimizer_steps),
+            "batches_done_in_epoch": self.batches_done_in_epoch,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.current_epoch = int(state["current_epoch"])
+        self.global_step = int(state["global_step"])
+        # Mutate in place: step hooks registered on the optimizers hold a reference to this list.
+        self.optimizer_steps[:] = [int(s) for s in state["optimizer_steps"]]
+        self.batches_done_in_epoch = int(state.get("batches_done_in_epoch", 0))

@@ -1,0 +1,1038 @@
+"""``Trainer``: owns the ``Accelerator`` and runs fit / validate / test.
+
+Where every hook fires during ``fit`` (callbacks first, then the module, as in Lightning 2)::
+
+    setup("fit"); configure_optimizers(); accelerator.prepare(...)
+    on_fit_start
+    [sanity validation: on_sanity_check_start ... on_sanity_check_end]
+    on_train_start
+    for epoch:
+        on_train_epoch_start
+        for batch_idx, batch in train data:
+            on_train_batch_start(batch, batch_idx)          # module may return -1 to end the epoch
+            for optimizer_i in the optimizers due (optimizer dict "frequency"):
+                only optimizer_i's parameters require grad
+                loss = training_step(batch, batch_idx, optimizer_i)   # through the DDP/autocast wrapper
+                on_before_backward(loss); backward(loss); on_after_backward()
+                on an accumulation boundary:
+                    clip gradients; on_before_optimizer_step(optimizer)
+                    optimizer_step(epoch, batch_idx, optimizer, optimizer_i, closure)
+                    step-interval schedulers of optimizer_i advance after each real step
+            global_step += 1 on a boundary
+            on_train_batch_end(outputs, batch, batch_idx)
+            validation when val_check_interval says so
+        validation (on_validation_start, on_validation_epoch_start, ..._epoch_end, on_validation_end)
+        on_train_epoch_end (callbacks that do not monitor metrics, then the module)
+        epoch-interval schedulers advance (plateau ones with the rank-reduced monitored value)
+        on_train_epoch_end of ModelCheckpoint / EarlyStopping; checkpoints/last.ckpt written
+    on_train_end; on_fit_end; teardown("fit")
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import itertools
+import math
+import os
+import warnings
+from typing import Any, Callable, Iterable
+
+import torch
+
+from . import checkpoint as ckpt_io
+from . import data as data_utils
+from .callbacks.base import Callback
+from .errors import ConfigurationError, TrainingError
+from .loggers import build_trackers, normalise_log_with
+from .metrics import MetricCollector
+from .module import TrainingModule
+from .optim import OptimizationConfig, SchedulerConfig, parse_configure_optimizers, requires_closure
+from .scheduling import SchedulerRunner, StepTracker
+from .state import TrainingState
+
+MIXED_PRECISION = ("no", "bf16", "fp16")
+CLIP_ALGORITHMS = ("norm", "value")
+NONFINITE_POLICIES = ("raise", "skip")
+
+
+class _StepDispatcher(torch.nn.Module):
+    """Routes ``forward("training_step", ...)`` to the module's step methods.
+
+    Wrapping this (not the bare module) with DDP and autocast makes ``training_step`` and
+    ``validation_step`` run through the wrapper's ``forward``, so gradient synchronisation
+    and mixed precision apply to exactly what the user wrote (Lightning does the same).
+    """
+
+    def __init__(self, module: TrainingModule) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, method: str, *args: Any) -> Any:
+        return getattr(self.module, method)(*args)
+
+
+class _Hooks:
+    """Calls a hook on the callbacks that override it, then on the module.
+
+    Which objects override which hook is decided once per run, so unused hooks cost nothing.
+    """
+
+    def __init__(self, trainer: "Trainer", module: TrainingModule, callbacks: list[Callback]) -> None:
+        self.trainer = trainer
+        self.module = module
+        self.callbacks = callbacks
+        self._cache: dict[str, tuple[list[Callable], Callable | None]] = {}
+
+    def _resolve(self, name: str) -> tuple[list[Callable], Callable | None]:
+        base = getattr(Callback, name, None)
+        cbs = [getattr(cb, name) for cb in self.callbacks if getattr(type(cb), name, None) is not base]
+        mod_base = getattr(TrainingModule, name, None)
+        impl = getattr(type(self.module), name, None)
+        mod = getattr(self.module, name) if impl is not None and impl is not mod_base else None
+        self._cache[name] = (cbs, mod)
+        return cbs, mod
+
+    def __call__(self, name: str, *args: Any, monitoring: bool | None = None) -> Any:
+        cbs, mod = self._cache.get(name) or self._resolve(name)
+        for fn in cbs:
+            if monitoring is None or getattr(fn.__self__, "monitors_metrics", False) == monitoring:
+                fn(self.trainer, self.module, *args)
+        if mod is not None and monitoring is not True:
+            return mod(*args)
+        return None
+
+    def callbacks_only(self, name: str, *args: Any) -> None:
+        cbs, _ = self._cache.get(name) or self._resolve(name)
+        for fn in cbs:
+            fn(self.trainer, self.module, *args)
+
+
+class _Closure:
+    """The ``second_order_closure`` handed to ``optimizer_step``.
+
+    The forward/backward of this batch already ran before ``optimizer_step``, so the first
+    call returns that loss without recomputing; later calls (LBFGS re-evaluations) zero the
+    gradients and run ``training_step`` and backward again.
+    """
+
+    __slots__ = ("_trainer", "_batch", "_batch_idx", "_opt_idx", "_loss")
+
+    def __init__(self, trainer: "Trainer", batch: Any, batch_idx: int, opt_idx: int, loss: torch.Tensor) -> None:
+        self._trainer, self._batch, self._batch_idx, self._opt_idx, self._loss = trainer, batch, batch_idx, opt_idx, loss
+
+    def __call__(self) -> torch.Tensor:
+        if self._loss is not None:
+            loss, self._loss = self._loss, None
+            return loss
+        trainer = self._trainer
+        with torch.enable_grad():
+            trainer._optimizers[self._opt_idx].zero_grad()
+            loss = trainer._forward_backward(self._batch, self._batch_idx, self._opt_idx)
+            if loss is None:
+                raise TrainingError("training_step returned None inside an optimizer closure; a closure needs a loss.")
+            trainer._clip_gradients(self._opt_idx)
+        return loss
+
+
+class Trainer:
+    """Runs a :class:`TrainingModule` on Accelerate: CPU, one GPU, DDP, bf16/fp16 alike.
+
+    Args:
+        max_epochs: epochs to train (default: 1000 when ``max_steps`` is also unset, as in Lightning).
+        max_steps: stop after this many ``global_step``s (-1: no limit).
+        cpu: force CPU even when a GPU is present.
+        mixed_precision: "no", "bf16" or "fp16".
+        gradient_accumulation_steps: batches per optimizer step.
+        gradient_clip_val: clip gradients of each optimizer before its step (None: off).
+        gradient_clip_algorithm: "norm" or "value".
+        limit_train_batches, limit_val_batches: an int (batches) or float (fraction) per epoch.
+        val_check_interval: float fraction of an epoch or int number of batches between validations.
+        check_val_every_n_epoch: validate every N epochs.
+        num_sanity_val_steps: validation batches run (and discarded) before training.
+        log_every_n_steps: how often step metrics go to the trackers.
+        log_with: None (CSV in ``log_dir``), "csv", "wandb", "tensorboard", or a list.
+        project_name: tracker project name.
+        default_root_dir: the run directory (logs, ``checkpoints/``).
+        callbacks: a list of :class:`Callback`.
+        seed: seed python, numpy and torch (at construction and again at the start of fit).
+        enable_progress_bar: show a progress bar on the main process.
+        on_nonfinite_loss: "raise" (default) or "skip" the optimizer step of that loss.
+        check_rank_sync_every_n_steps: how often ranks compare counters and LRs (None: every epoch).
+        accelerator: an existing ``accelerate.Accelerator``, used as given.
+
+    Raises:
+        ConfigurationError: for any argument outside its allowed values (checked here, before
+            anything runs); at the start of ``fit`` for a bad ``configure_optimizers`` output,
+            LBFGS with gradient accumulation or fp16, manual optimization with gradient
+            accumulation or clipping, an empty dataloader.
+
+    Example:
+        >>> trainer = Trainer(max_epochs=3, cpu=True, default_root_dir="runs/demo")
+        >>> trainer.fit(model, train_loader, val_loader)
+    """
+
+    def __init__(
+        self,
+        max_epochs: int | None = None,
+        max_steps: int = -1,
+        cpu: bool = False,
+        mixed_precision: str = "no",
+        gradient_accumulation_steps: int = 1,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str = "norm",
+        limit_train_batches: int | float | None = None,
+        limit_val_batches: int | float | None = None,
+        val_check_interval: int | float = 1.0,
+        check_val_every_n_epoch: int = 1,
+        num_sanity_val_steps: int = 0,
+        log_every_n_steps: int = 50,
+        log_with: Any = None,
+        project_name: str = "accel_trainer",
+        default_root_dir: str | os.PathLike = "runs",
+        callbacks: list[Callback] | None = None,
+        seed: int | None = None,
+        enable_progress_bar: bool = True,
+        on_nonfinite_loss: str = "raise",
+        check_rank_sync_every_n_steps: int | None = None,
+        accelerator: Any = None,
+    ) -> None:
+        _validate_trainer_args(locals())
+        if max_epochs is None and max_steps == -1:
+            max_epochs = 1000
+        self.max_epochs = max_epochs
+        self.max_steps = max_steps
+        self.gradient_clip_val = gradient_clip_val
+        self.gradient_clip_algorithm = gradient_clip_algorithm
+        self.limit_train_batches = limit_train_batches
+        self.limit_val_batches = limit_val_batches
+        self.val_check_interval = val_check_interval
+        self.check_val_every_n_epoch = check_val_every_n_epoch
+        self.num_sanity_val_steps = num_sanity_val_steps
+        self.log_every_n_steps = log_every_n_steps
+        self.project_name = project_name
+        self.default_root_dir = os.fspath(default_root_dir)
+        self.callbacks: list[Callback] = list(callbacks or [])
+        self.seed = seed
+        self.enable_progress_bar = enable_progress_bar
+        self.on_nonfinite_loss = on_nonfinite_loss
+        self.check_rank_sync_every_n_steps = check_rank_sync_every_n_steps
+        self._log_with = normalise_log_with(log_with)
+
+        if seed is not None:
+            _seed_everything(seed)
+        if accelerator is None:
+            accelerator = _make_accelerator(cpu, mixed_precision, gradient_accumulation_steps)
+        elif gradient_accumulation_steps not in (1, accelerator.gradient_accumulation_steps):
+            raise ConfigurationError(
+                f"Trainer(gradient_accumulation_steps={gradient_accumulation_steps}) conflicts with the given "
+                f"accelerator's gradient_accumulation_steps={accelerator.gradient_accumulation_steps}. Set it on one of them."
+            )
+        self._accelerator = accelerator
+        self.gradient_accumulation_steps = accelerator.gradient_accumulation_steps
+
+        self.state = TrainingState()
+        self.should_stop = False
+        self._module: TrainingModule | None = None
+        self._metrics: MetricCollector | None = None
+        self._optimizers: list = []
+        self._scheduler_configs: list[SchedulerConfig] = []
+        self._trackers: list = []
+        self._logged: dict[str, float] = {}
+        self.sanity_checking = False
+        self.training = False
+
+    # -- facts ----------------------------------------------------------------------------------
+    @property
+    def accelerator(self) -> Any:
+        return self._accelerator
+
+    @property
+    def global_step(self) -> int:
+        return self.state.global_step
+
+    @property
+    def current_epoch(self) -> int:
+        return self.state.current_epoch
+
+    @property
+    def optimizer_steps(self) -> list[int]:
+        return self.state.optimizer_steps
+
+    @property
+    def optimizers(self) -> list:
+        return self._optimizers
+
+    @property
+    def lr_schedulers(self) -> list[SchedulerConfig]:
+        return self._scheduler_configs
+
+    @property
+    def callback_metrics(self) -> dict[str, torch.Tensor]:
+        return self._metrics.callback_metrics if self._metrics is not None else {}
+
+    @property
+    def progress_bar_metrics(self) -> dict[str, Any]:
+        return self._metrics.progress_bar_metrics if self._metrics is not None else {}
+
+    @property
+    def logged_metrics(self) -> dict[str, float]:
+        return self._logged
+
+    @property
+    def is_global_zero(self) -> bool:
+        return self._accelerator.is_main_process
+
+    @property
+    def world_size(self) -> int:
+        return self._accelerator.num_processes
+
+    @property
+    def log_dir(self) -> str:
+        return self.default_root_dir
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return os.path.join(self.default_root_dir, "checkpoints")
+
+    @property
+    def lightning_module(self) -> TrainingModule | None:
+        return self._module
+
+    @property
+    def module(self) -> TrainingModule | None:
+        return self._module
+
+    # -- fit ------------------------------------------------------------------------------------
+    def fit(
+        self,
+        module: TrainingModule,
+        train_dataloaders: Any = None,
+        val_dataloaders: Any = None,
+        datamodule: Any = None,
+        ckpt_path: str | os.PathLike | None = None,
+    ) -> None:
+        """Train ``module``. See the module docstring for where each hook fires.
+
+        Args:
+            module: the :class:`TrainingModule`.
+            train_dataloaders: a dataloader (default: the datamodule's or module's ``train_dataloader()``).
+            val_dataloaders: a dataloader or list (default: ``val_dataloader()``).
+            datamodule: a :class:`DataModule`.
+            ckpt_path: a checkpoint to resume from, or "last" for ``checkpoints/last.ckpt``
+                (a fresh start, with a warning, when none exists yet).
+        """
+        self._attach(module, "fit", datamodule)
+        try:
+            train_loaders = data_utils.resolve(train_dataloaders, datamodule, module, "train_dataloader")
+            if not train_loaders:
+                raise ConfigurationError(
+                    "fit() got no training data: pass train_dataloaders, a datamodule with train_dataloader(), "
+                    "or define train_dataloader() on the module."
+                )
+            if len(train_loaders) > 1:
+                raise ConfigurationError(f"fit() takes one training dataloader, received {len(train_loaders)}.")
+            val_loaders = data_utils.resolve(val_dataloaders, datamodule, module, "val_dataloader")
+            data_utils.check_not_empty(train_loaders[0], "training")
+            for loader in val_loaders:
+                data_utils.check_not_empty(loader, "validation")
+
+            config = self._configure_optimizers(module)
+            self._validate_against_module(module, config)
+            self._setup_optimization(module, config)
+            self._train_loader = self._prepare_loader(train_loaders[0], even_batches=True)
+            self._val_loaders = [self._prepare_loader(dl, even_batches=False) for dl in val_loaders]
+            self.state.reset_for(len(self._optimizers))
+            self.should_stop = False
+            self._step_tracker = StepTracker(
+                self._optimizers, self.state, self._warmup_per_optimizer(len(self._optimizers))
+            )
+            self._runner = SchedulerRunner(
+                self._scheduler_configs, len(self._optimizers), module.lr_scheduler_step, lambda: self.callback_metrics
+            )
+            if ckpt_path is not None:
+                self._restore(ckpt_path)
+            self._start_trackers(module)
+
+            self._hooks("on_fit_start")
+            if self.num_sanity_val_steps and self._val_loaders:
+                self._sanity_check()
+            self.training = True
+            self._hooks("on_train_start")
+            self._fit_loop()
+            self.training = False
+            self._hooks("on_train_end")
+            self._hooks("on_fit_end")
+        except BaseException as exc:
+            self._hooks.callbacks_only("on_exception", exc)
+            raise
+        finally:
+            self.training = False
+            self._teardown("fit", datamodule)
+
+    def _fit_loop(self) -> None:
+        while not self._done():
+            stopped_mid_epoch = self._run_train_epoch()
+            if stopped_mid_epoch:
+                break
+        self._save_last()
+
+    def _done(self) -> bool:
+        if self.should_stop:
+            return True
+        if self.max_steps is not None and self.max_steps >= 0 and self.state.global_step >= self.max_steps:
+            return True
+        return self.max_epochs is not None and self.state.current_epoch >= self.max_epochs
+
+    def _run_train_epoch(self) -> bool:
+        """One epoch. Returns True when ``max_steps`` ended it before its last batch."""
+        module, state, metrics = self._module, self.state, self._metrics
+        epoch = state.current_epoch
+        loader = self._train_loader
+        length = data_utils.loader_length(loader)
+        limit = data_utils.limit_batches(self.limit_train_batches, length, "limit_train_batches")
+        n_batches = limit if limit != math.inf else length
+        val_every = self._val_every(n_batches)
+        validate_this_epoch = bool(self._val_loaders) and (epoch + 1) % self.check_val_every_n_epoch == 0
+        accumulate = self.gradient_accumulation_steps
+
+        metrics.stage = "train"
+        metrics.reset_stage("train")
+        module.train()
+        self._hooks("on_train_epoch_start")
+        skip = state.batches_done_in_epoch
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        iterator = iter(self.accelerator.skip_first_batches(loader, skip) if skip else loader)
+        progress = self._progress(n_batches, epoch)
+        stopped_by_steps = False
+        batch_idx = skip - 1
+        for batch_idx in itertools.count(skip):
+            if batch_idx >= limit:
+                break
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                break
+            metrics.set_batch(batch)
+            if self._hooks("on_train_batch_start", batch, batch_idx) == -1:
+                break
+            is_boundary = (batch_idx + 1) % accumulate == 0 or (n_batches is not None and batch_idx + 1 >= n_batches)
+            outputs = self._train_batch(batch, batch_idx, is_boundary)
+            state.batches_done_in_epoch = batch_idx + 1
+            if is_boundary:
+                state.global_step += 1
+                self._after_boundary(progress)
+            self._hooks("on_train_batch_end", outputs, batch, batch_idx)
+            if progress is not None:
+                progress.update(1)
+            if self.max_steps >= 0 and state.global_step >= self.max_steps:
+                stopped_by_steps = n_batches is None or batch_idx + 1 < n_batches
+                break
+            if self.should_stop:
+                break
+            if validate_this_epoch and val_every and (batch_idx + 1) % val_every == 0 and (
+                n_batches is None or batch_idx + 1 < n_batches
+            ):
+                self._run_validation()
+        if progress is not None:
+            progress.close()
+        if stopped_by_steps:
+            # A max_steps stop inside an epoch is a pause, not an epoch end: the position is kept
+            # so that resuming with a larger max_steps continues this very epoch.
+            self._end_train_epoch_metrics()
+            return True
+        if validate_this_epoch:
+            self._run_validation()
+        self._end_train_epoch_metrics()
+        self._hooks("on_train_epoch_end", monitoring=False)
+        state.current_epoch = epoch + 1
+        state.batches_done_in_epoch = 0
+        self._runner.after_epoch(epoch + 1)
+        self._check_rank_sync()
+        # monitoring callbacks (checkpoint, early stopping) see the epoch fully finished
+        for fn in self._monitoring_epoch_end():
+            fn(self, module)
+        self._save_last()
+        return False
+
+    def _monitoring_epoch_end(self) -> list[Callable]:
+        cbs, _ = self._hooks._cache.get("on_train_epoch_end") or self._hooks._resolve("on_train_epoch_end")
+        return [fn for fn in cbs if getattr(fn.__self__, "monitors_metrics", False)]
+
+    def _end_train_epoch_metrics(self) -> None:
+        metrics = self._metrics
+        metrics.stage = "train"
+        results = metrics.compute_epoch("train", self._gather_names)
+        if results:
+            self._log_to_trackers({**results, "epoch": self.state.current_epoch}, self.state.global_step)
+
+    def _after_boundary(self, progress: Any) -> None:
+        step = self.state.global_step
+        if self.check_rank_sync_every_n_steps and step % self.check_rank_sync_every_n_steps == 0:
+            self._check_rank_sync()
+        if step % self.log_every_n_steps == 0:
+            values = self._metrics.step_values_for_loggers("train", self.accelerator.reduce)
+            if values:
+                values["epoch"] = self.state.current_epoch
+                self._log_to_trackers(values, step)
+            if progress is not None:
+                progress.set_postfix(self._progress_postfix(), refresh=False)
+
+    # -- one batch ------------------------------------------------------------------------------
+    def _train_batch(self, batch: Any, batch_idx: int, is_boundary: bool) -> Any:
+        if not self._automatic:
+            self.accelerator.sync_gradients = True
+            return self._wrapped("training_step", batch, batch_idx)
+        accelerator = self.accelerator
+        accelerator.sync_gradients = is_boundary
+        context = (
+            accelerator.no_sync(self._wrapped)
+            if not is_boundary and accelerator.num_processes > 1
+            else contextlib.nullcontext()
+        )
+        outputs = None
+        with context:
+            for opt_idx in self._due_optimizers():
+                outputs = self._optimize(batch, batch_idx, opt_idx, is_boundary)
+        return outputs
+
+    def _due_optimizers(self) -> Iterable[int]:
+        if self._frequency_cumsum is None:
+            return self._all_optimizer_indices
+        place = self.state.global_step % self._frequency_cumsum[-1]
+        return (bisect.bisect_right(self._frequency_cumsum, place),)
+
+    def _optimize(self, batch: Any, batch_idx: int, opt_idx: int, is_boundary: bool) -> Any:
+        restore = self._toggle(opt_idx) if self._toggle_off else None
+        try:
+            loss = self._forward_backward(batch, batch_idx, opt_idx)
+            if loss is None or not is_boundary:
+                return self._last_output
+            optimizer = self._optimizers[opt_idx]
+            self._clip_gradients(opt_idx)
+            self._hooks("on_before_optimizer_step", optimizer)
+            before = self.state.optimizer_steps[opt_idx]
+            closure = _Closure(self, batch, batch_idx, opt_idx, loss)
+            self._module.optimizer_step(self.state.current_epoch, batch_idx, optimizer, opt_idx, closure)
+            after = self.state.optimizer_steps[opt_idx]
+            if after != before:
+                self._runner.after_optimizer_steps(opt_idx, before, after)
+            return self._last_output
+        finally:
+            if restore is not None:
+                for p, flag in restore:
+                    p.requires_grad_(flag)
+
+    def _toggle(self, opt_idx: int) -> list:
+        """Turn off ``requires_grad`` for parameters that only other optimizers own."""
+        restore = []
+        for p in self._toggle_off[opt_idx]:
+            restore.append((p, p.requires_grad))
+            p.requires_grad_(False)
+        return restore
+
+    def _forward_backward(self, batch: Any, batch_idx: int, opt_idx: int) -> torch.Tensor | None:
+        if self._pass_optimizer_idx:
+            output = self._wrapped("training_step", batch, batch_idx, opt_idx)
+        else:
+            output = self._wrapped("training_step", batch, batch_idx)
+        self._last_output = output
+        loss = self._extract_loss(output, opt_idx)
+        if loss is None:
+            return None
+        if not bool(torch.isfinite(loss)):
+            if self._nonfinite_is_fatal():
+                raise TrainingError(
+                    f"training_step returned a non-finite loss ({loss.item()}) at epoch {self.state.current_epoch}, "
+                    f"batch_idx {batch_idx}, optimizer {opt_idx}. Pass Trainer(on_nonfinite_loss='skip') to skip such "
+                    "steps instead, or lower the learning rate / enable gradient clipping."
+                )
+            self.nonfinite_skips += 1
+            return None
+        self._hooks("on_before_backward", loss)
+        self.accelerator.backward(loss)
+        self._hooks("on_after_backward")
+        self._last_loss = loss.detach()
+        return self._last_loss
+
+    def _nonfinite_is_fatal(self) -> bool:
+        return self.on_nonfinite_loss == "raise"
+
+    def _extract_loss(self, output: Any, opt_idx: int) -> torch.Tensor | None:
+        if output is None:
+            return None
+        if isinstance(output, torch.Tensor):
+            loss = output
+        elif isinstance(output, dict):
+            if "loss" not in output:
+                raise ConfigurationError(
+                    f"training_step returned a dict without a 'loss' key (keys: {sorted(output)}). Return a scalar "
+                    "loss tensor, a dict with 'loss', or None to skip this optimizer for this batch."
+                )
+            self._log_legacy_dicts(output)
+            loss = output["loss"]
+            if loss is None:
+                return None
+            if not isinstance(loss, torch.Tensor):
+                raise ConfigurationError(f"training_step returned {{'loss': {type(loss).__name__}}}; 'loss' must be a tensor.")
+        else:
+            raise ConfigurationError(
+                f"training_step returned a {type(output).__name__}. Return a scalar loss tensor, a dict with "
+                "'loss', or None to skip this optimizer for this batch."
+            )
+        if loss.numel() != 1:
+            raise ConfigurationError(
+                f"training_step must return a scalar loss; received a tensor of shape {tuple(loss.shape)} "
+                f"(optimizer {opt_idx}). Reduce it, e.g. loss.mean()."
+            )
+        if not loss.requires_grad:
+            raise ConfigurationError(
+                f"The loss returned by training_step (optimizer {opt_idx}) does not require grad: it was detached, "
+                "computed under torch.no_grad(), or depends only on parameters that optimizer "
+                f"{opt_idx} does not own (those are frozen while it trains)."
+            )
+        return loss
+
+    def _log_legacy_dicts(self, output: dict) -> None:
+        """Lightning 0.7's ``{"loss": ..., "log": {...}, "progress_bar": {...}}``."""
+        logs = output.get("log")
+        if isinstance(logs, dict):
+            for name, value in logs.items():
+                if isinstance(value, (torch.Tensor, int, float)):
+                    self._metrics.log(name, value)
+        bar = output.get("progress_bar")
+        if isinstance(bar, dict):
+            for name, value in bar.items():
+                if isinstance(value, (torch.Tensor, int, float)):
+                    self._metrics.progress_bar_metrics[name] = value
+
+    def _clip_gradients(self, opt_idx: int) -> None:
+        if self.gradient_clip_val is None:
+            return
+        accelerator = self.accelerator
+        params = self._optimizer_params[opt_idx]
+        distributed = str(accelerator.distributed_type)
+        if "FSDP" in distributed or "DEEPSPEED" in distributed or "XLA" in distributed:
+            if self.gradient_clip_algorithm == "norm":
+                accelerator.clip_grad_norm_(params, self.gradient_clip_val)
+            else:
+                accelerator.clip_grad_value_(params, self.gradient_clip_val)
+            return
+        # Unscale only this optimizer: Accelerate's clip_grad_norm_ unscales every optimizer,
+        # which under fp16 with two optimizers unscales the other one twice.
+        accelerator.unscale_gradients(optimizer=self._optimizers[opt_idx])
+        if self.gradient_clip_algorithm == "norm":
+            torch.nn.utils.clip_grad_norm_(params, self.gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_value_(params, self.gradient_clip_val)
+
+    # -- validation -----------------------------------------------------------------------------
+    def _run_validation(self) -> dict[str, float]:
+        results = self._evaluate("validate", self._val_loaders, self.limit_val_batches, log=True)
+        return results
+
+    def _sanity_check(self) -> None:
+        self.sanity_checking = True
+        self._hooks.callbacks_only("on_sanity_check_start")
+        saved = dict(self._metrics.callback_metrics)
+        self._evaluate("sanity", self._val_loaders, self.num_sanity_val_steps, log=False)
+        self._metrics.callback_metrics.clear()
+        self._metrics.callback_metrics.update(saved)
+        self._hooks.callbacks_only("on_sanity_check_end")
+        self.sanity_checking = False
+
+    def _evaluate(self, stage: str, loaders: list, limit: Any, log: bool) -> dict[str, float]:
+        module, metrics = self._module, self._metrics
+        kind = "test" if stage == "test" else "validation"
+        step_name = "test_step" if stage == "test" else "validation_step"
+        auto_name = "test_loss" if stage == "test" else "val_loss"
+        previous_stage = metrics.stage
+        metrics.stage = stage
+        metrics.reset_stage(stage)
+        was_training = module.training
+        module.eval()
+        self._hooks(f"on_{kind}_start")
+        self._hooks(f"on_{kind}_epoch_start")
+        with torch.no_grad():
+            for dl_idx, loader in enumerate(loaders):
+                n = data_utils.limit_batches(limit, data_utils.loader_length(loader), "limit_val_batches")
+                for batch_idx, batch in enumerate(loader):
+                    if batch_idx >= n:
+                        break
+                    metrics.set_batch(batch)
+                    extra = (dl_idx,) if len(loaders) > 1 else ()
+                    self._hooks(f"on_{kind}_batch_start", batch, batch_idx, *extra)
+                    output = self._wrapped(step_name, batch, batch_idx, *extra)
+                    entry = metrics.entries(stage).get(auto_name)
+                    if isinstance(output, torch.Tensor) and output.numel() == 1 and (entry is None or entry.name == auto_name and getattr(entry, "auto", False)):
+                        metrics.log(auto_name, output, on_step=False, on_epoch=True)
+                        metrics.entries(stage)[auto_name].auto = True
+                    self._hooks(f"on_{kind}_batch_end", output, batch, batch_idx, *extra)
+        metrics.in_epoch_end = True
+        try:
+            self._hooks(f"on_{kind}_epoch_end")
+        finally:
+            metrics.in_epoch_end = False
+        results = metrics.compute_epoch(stage, self._gather_names)
+        if log and results:
+            self._log_to_trackers(results, self.state.global_step)
+        self._hooks(f"on_{kind}_end")
+        metrics.stage = previous_stage
+        if was_training:
+            module.train()
+        return results
+
+    def validate(self, module: TrainingModule, dataloaders: Any = None, datamodule: Any = None) -> list[dict]:
+        """Run one validation pass; returns ``[metrics]``."""
+        return self._eval_entry("validate", module, dataloaders, datamodule, "val_dataloader")
+
+    def test(self, module: TrainingModule, dataloaders: Any = None, datamodule: Any = None) -> list[dict]:
+        """Run one test pass; returns ``[metrics]``."""
+        return self._eval_entry("test", module, dataloaders, datamodule, "test_dataloader")
+
+    def _eval_entry(self, stage: str, module: TrainingModule, dataloaders: Any, datamodule: Any, factory: str) -> list[dict]:
+        self._attach(module, stage, datamodule)
+        try:
+            loaders = data_utils.resolve(dataloaders, datamodule, module, factory)
+            if not loaders:
+                raise ConfigurationError(
+                    f"{stage}() got no data: pass dataloaders, a datamodule with {factory}(), or define {factory}() on the module."
+                )
+            for loader in loaders:
+                data_utils.check_not_empty(loader, stage)
+            self._prepare_model_only(module)
+            prepared = [self._prepare_loader(dl, even_batches=False) for dl in loaders]
+            self._start_trackers(module)
+            results = self._evaluate(stage, prepared, self.limit_val_batches if stage == "validate" else None, log=True)
+            return [results]
+        finally:
+            self._teardown(stage, datamodule)
+
+    # -- set-up -----------------------------------------------------------------------------------
+    def _attach(self, module: TrainingModule, stage: str, datamodule: Any) -> None:
+        if not isinstance(module, TrainingModule):
+            raise ConfigurationError(
+                f"Trainer.{stage}() needs an accel_trainer.TrainingModule, received {type(module).__name__}."
+            )
+        if datamodule is not None and not any(
+            callable(getattr(datamodule, f, None)) for f in ("train_dataloader", "val_dataloader", "test_dataloader")
+        ):
+            raise ConfigurationError(
+                f"datamodule must provide train_dataloader/val_dataloader/test_dataloader; received {type(datamodule).__name__}."
+            )
+        if self.seed is not None and stage == "fit":
+            _seed_everything(self.seed)
+        self._module = module
+        module.trainer = self
+        self._metrics = MetricCollector(self.accelerator.device, self.accelerator.num_processes)
+        self._hooks = _Hooks(self, module, self.callbacks)
+        self._last_output = None
+        self._last_loss = None
+        self.nonfinite_skips = 0
+        if datamodule is not None:
+            if self.accelerator.is_local_main_process and callable(getattr(datamodule, "prepare_data", None)):
+                datamodule.prepare_data()
+            self.accelerator.wait_for_everyone()
+            if callable(getattr(datamodule, "setup", None)):
+                datamodule.setup(stage)
+        self._hooks("setup", stage)
+
+    def _teardown(self, stage: str, datamodule: Any) -> None:
+        tracker = getattr(self, "_step_tracker", None)
+        if tracker is not None:
+            tracker.remove()
+            self._step_tracker = None
+        for t in self._trackers:
+            try:
+                t.finish()
+            except Exception as err:  # a tracker failing to close must not mask the run's own error
+                warnings.warn(f"Tracker {type(t).__name__} failed to finish: {err}", UserWarning)
+        self._trackers = []
+        if datamodule is not None and callable(getattr(datamodule, "teardown", None)):
+            datamodule.teardown(stage)
+        self._hooks("teardown", stage)
+
+    def _configure_optimizers(self, module: TrainingModule) -> OptimizationConfig:
+        module.to(self.accelerator.device)
+        return parse_configure_optimizers(module.configure_optimizers())
+
+    def _validate_against_module(self, module: TrainingModule, config: OptimizationConfig) -> None:
+        """Combinations that only make sense once the module's optimizers are known."""
+        automatic = getattr(module, "automatic_optimization", True)
+        needs_closure = [i for i, o in enumerate(config.optimizers) if requires_closure(o)]
+        if needs_closure and self.gradient_accumulation_steps > 1:
+            raise ConfigurationError(
+                f"Optimizer {needs_closure[0]} ({type(config.optimizers[needs_closure[0]]).__name__}) re-evaluates the "
+                f"loss through a closure, which cannot be combined with gradient_accumulation_steps="
+                f"{self.gradient_accumulation_steps}. Use gradient_accumulation_steps=1."
+            )
+        if needs_closure and self.accelerator.mixed_precision == "fp16":
+            raise ConfigurationError(
+                f"Optimizer {needs_closure[0]} ({type(config.optimizers[needs_closure[0]]).__name__}) needs a closure, "
+                "which fp16's GradScaler cannot drive correctly (it would re-run the closure on scaled gradients). "
+                "Use mixed_precision='bf16' or 'no'."
+            )
+        if not automatic:
+            if self.gradient_accumulation_steps > 1:
+                raise ConfigurationError(
+                    "Manual optimization (automatic_optimization = False) with gradient_accumulation_steps="
+                    f"{self.gradient_accumulation_steps}: accumulate in your training_step instead, and use 1 here."
+                )
+            if self.gradient_clip_val is not None:
+                raise ConfigurationError(
+                    f"Manual optimization with gradient_clip_val={self.gradient_clip_val}: call "
+                    "self.trainer.accelerator.clip_grad_norm_(...) in training_step instead, and leave it None here."
+                )
+            if config.frequencies is not None:
+                raise ConfigurationError(
+                    "Optimizer 'frequency' has no meaning under manual optimization: you decide which optimizer steps."
+                )
+
+    def _setup_optimization(self, module: TrainingModule, config: OptimizationConfig) -> None:
+        accelerator = self.accelerator
+        self._automatic = getattr(module, "automatic_optimization", True)
+        dispatcher = _StepDispatcher(module)
+        prepared = accelerator.prepare(dispatcher, *config.optimizers, *[c.scheduler for c in config.schedulers])
+        if not isinstance(prepared, (list, tuple)):
+            prepared = [prepared]
+        self._wrapped = prepared[0]
+        n_opt = len(config.optimizers)
+        self._optimizers = list(prepared[1 : 1 + n_opt])
+        for cfg, sched in zip(config.schedulers, prepared[1 + n_opt :]):
+            # We decide when a scheduler steps; Accelerate's wrapper would otherwise step it
+            # num_processes times per call and skip steps by its own rules.
+            if hasattr(sched, "step_with_optimizer"):
+                sched.step_with_optimizer = False
+            cfg.scheduler = sched
+        self._scheduler_configs = config.schedulers
+        self._pass_optimizer_idx = n_opt > 1
+        self._all_optimizer_indices = tuple(range(n_opt))
+        self._frequency_cumsum = list(itertools.accumulate(config.frequencies)) if config.frequencies else None
+        self._optimizer_params = [
+            [p for g in opt.param_groups for p in g["params"]] for opt in self._optimizers
+        ]
+        self._toggle_off: list[list] = []
+        if n_opt > 1 and self._automatic:
+            for i, params in enumerate(self._optimizer_params):
+                own = {id(p) for p in params}
+                others: dict[int, Any] = {}
+                for j, other in enumerate(self._optimizer_params):
+                    if j != i:
+                        for p in other:
+                            if id(p) not in own:
+                                others[id(p)] = p
+                self._toggle_off.append(list(others.values()))
+
+    def _prepare_model_only(self, module: TrainingModule) -> None:
+        module.to(self.accelerator.device)
+        self._wrapped = self.accelerator.prepare(_StepDispatcher(module))
+
+    def _prepare_loader(self, loader: Any, even_batches: bool) -> Any:
+        accelerator = self.accelerator
+        previous = accelerator.even_batches
+        # Validation shards are uneven on purpose: padding duplicates would bias the metrics.
+        accelerator.even_batches = even_batches
+        try:
+            return accelerator.prepare(loader)
+        finally:
+            accelerator.even_batches = previous
+
+    def _warmup_per_optimizer(self, n_opt: int) -> list[int | None]:
+        warmup: list[int | None] = [None] * n_opt
+        for cfg in self._scheduler_configs:
+            if cfg.warmup_steps:
+                warmup[cfg.opt_idx] = cfg.warmup_steps
+        return warmup
+
+    def _val_every(self, n_batches: Any) -> int | None:
+        v = self.val_check_interval
+        if isinstance(v, float):
+            if v >= 1.0 or n_batches is None:
+                return None
+            return max(1, int(n_batches * v))
+        return int(v)
+
+    # -- logging ----------------------------------------------------------------------------------
+    def _start_trackers(self, module: TrainingModule) -> None:
+        if self._trackers or not self.accelerator.is_main_process:
+            return
+        self._trackers = build_trackers(self._log_with, self.project_name, self.log_dir, dict(module.hparams))
+
+    def _log_to_trackers(self, values: dict[str, float], step: int) -> None:
+        self._logged.update(values)
+        for tracker in self._trackers:
+            tracker.log(values, step=step)
+
+    def log_to_trackers(self, values: dict[str, float], step: int | None = None) -> None:
+        """Send already-computed values (floats) to every tracker, e.g. from a callback."""
+        self._log_to_trackers(values, self.state.global_step if step is None else step)
+
+    def _gather_names(self, names: list[str]) -> list[str]:
+        from accelerate.utils import gather_object
+
+        return sorted(set(gather_object(list(names))))
+
+    def _progress(self, total: Any, epoch: int) -> Any:
+        if not (self.enable_progress_bar and self.accelerator.is_main_process):
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total if total != math.inf else None, desc=f"Epoch {epoch}", leave=False, dynamic_ncols=True)
+
+    def _progress_postfix(self) -> dict[str, str]:
+        postfix = {}
+        if self._last_loss is not None:
+            postfix["loss"] = f"{float(self._last_loss):.4g}"
+        for name, value in self._metrics.progress_bar_metrics.items():
+            postfix[name] = f"{float(value):.4g}"
+        return postfix
+
+    # -- rank sync ------------------------------------------------------------------------------
+    def _check_rank_sync(self) -> None:
+        """Compare counters and learning rates across ranks (no-op on one process)."""
+        if self.accelerator.num_processes == 1:
+            return
+        from .distributed import assert_ranks_in_sync
+
+        assert_ranks_in_sync(self)
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def save_checkpoint(self, path: str | os.PathLike) -> None:
+        """Write a full checkpoint (atomically) to ``path``; every rank must call this."""
+        checkpoint = self._checkpoint_dict()
+        if self.accelerator.is_main_process:
+            ckpt_io.atomic_save(checkpoint, os.fspath(path))
+        self.accelerator.wait_for_everyone()
+
+    def _checkpoint_dict(self) -> dict[str, Any]:
+        module = self._module
+        checkpoint: dict[str, Any] = {
+            "format": ckpt_io.FORMAT,
+            "state_dict": module.state_dict(),
+            "optimizer_states": [opt.state_dict() for opt in self._optimizers],
+            "lr_schedulers": [cfg.scheduler.state_dict() for cfg in self._scheduler_configs],
+            "loops": self.state.state_dict(),
+            "rng": ckpt_io.capture_rng_state(),
+            "callbacks": {cb.state_key: ckpt_io.plain(cb.state_dict()) for cb in self.callbacks},
+            "hparams": ckpt_io.plain(dict(module.hparams)),
+        }
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None:
+            checkpoint["scaler"] = scaler.state_dict()
+        self._hooks("on_save_checkpoint", checkpoint)
+        return checkpoint
+
+    def _save_last(self) -> None:
+        self.save_checkpoint(os.path.join(self.checkpoint_dir, ckpt_io.LAST_NAME))
+
+    def _restore(self, ckpt_path: str | os.PathLike) -> None:
+        path = os.fspath(ckpt_path)
+        if path == "last":
+            path = os.path.join(self.checkpoint_dir, ckpt_io.LAST_NAME)
+            if not os.path.isfile(path):
+                warnings.warn(f"ckpt_path='last' but {path} does not exist yet: starting from scratch.", UserWarning)
+                return
+        checkpoint = ckpt_io.load_checkpoint_file(path)
+        module = self._module
+        ckpt_io.check_compatible(checkpoint, module, len(self._optimizers), len(self._scheduler_configs), path)
+        module.load_state_dict(checkpoint["state_dict"])
+        for opt, state in zip(self._optimizers, checkpoint["optimizer_states"]):
+            opt.load_state_dict(state)
+        for cfg, state in zip(self._scheduler_configs, checkpoint["lr_schedulers"]):
+            cfg.scheduler.load_state_dict(state)
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None and "scaler" in checkpoint:
+            scaler.load_state_dict(checkpoint["scaler"])
+        self.state.load_state_dict(checkpoint["loops"])
+        for cb in self.callbacks:
+            if cb.state_key in checkpoint["callbacks"]:
+                cb.load_state_dict(checkpoint["callbacks"][cb.state_key])
+        ckpt_io.restore_rng_state(checkpoint["rng"])
+        self._hooks("on_load_checkpoint", checkpoint)
+
+
+def _validate_trainer_args(args: dict[str, Any]) -> None:
+    """One check per argument, run before anything else (Raises: ConfigurationError)."""
+
+    def fail(name: str, allowed: str) -> None:
+        raise ConfigurationError(f"Trainer({name}={args[name]!r}) is not allowed: {allowed}.")
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if args["max_epochs"] is not None and not (is_int(args["max_epochs"]) and args["max_epochs"] >= 0):
+        fail("max_epochs", "expected None or an int >= 0")
+    if not (is_int(args["max_steps"]) and args["max_steps"] >= -1):
+        fail("max_steps", "expected -1 (no limit) or an int >= 0")
+    if args["mixed_precision"] not in MIXED_PRECISION:
+        fail("mixed_precision", f"expected one of {list(MIXED_PRECISION)}")
+    if not (is_int(args["gradient_accumulation_steps"]) and args["gradient_accumulation_steps"] >= 1):
+        fail("gradient_accumulation_steps", "expected an int >= 1")
+    clip = args["gradient_clip_val"]
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip <= 0):
+        fail("gradient_clip_val", "expected None or a number > 0")
+    if args["gradient_clip_algorithm"] not in CLIP_ALGORITHMS:
+        fail("gradient_clip_algorithm", f"expected one of {list(CLIP_ALGORITHMS)}")
+    for name in ("limit_train_batches", "limit_val_batches"):
+        v = args[name]
+        if v is None:
+            continue
+        if isinstance(v, float) and 0.0 <= v <= 1.0:
+            continue
+        if is_int(v) and v >= 0:
+            continue
+        fail(name, "expected None, a float fraction in [0, 1] or an int number of batches >= 0")
+    v = args["val_check_interval"]
+    if not ((isinstance(v, float) and 0.0 < v <= 1.0) or (is_int(v) and v >= 1)):
+        fail("val_check_interval", "expected a float fraction in (0, 1] or an int number of batches >= 1")
+    if not (is_int(args["check_val_every_n_epoch"]) and args["check_val_every_n_epoch"] >= 1):
+        fail("check_val_every_n_epoch", "expected an int >= 1")
+    if not (is_int(args["num_sanity_val_steps"]) and args["num_sanity_val_steps"] >= 0):
+        fail("num_sanity_val_steps", "expected an int >= 0")
+    if not (is_int(args["log_every_n_steps"]) and args["log_every_n_steps"] >= 1):
+        fail("log_every_n_steps", "expected an int >= 1")
+    if args["on_nonfinite_loss"] not in NONFINITE_POLICIES:
+        fail("on_nonfinite_loss", f"expected one of {list(NONFINITE_POLICIES)}")
+    n = args["check_rank_sync_every_n_steps"]
+    if n is not None and not (is_int(n) and n >= 1):
+        fail("check_rank_sync_every_n_steps", "expected None (once per epoch) or an int >= 1")
+    if args["seed"] is not None and not is_int(args["seed"]):
+        fail("seed", "expected None or an int")
+    callbacks = args["callbacks"]
+    if callbacks is not None:
+        if not isinstance(callbacks, (list, tuple)):
+            fail("callbacks", "expected a list of accel_trainer.Callback")
+        for cb in callbacks:
+            if not isinstance(cb, Callback):
+                raise ConfigurationError(
+                    f"Trainer(callbacks=[...]) contains a {type(cb).__name__}; every callback must subclass accel_trainer.Callback."
+                )
+    if not isinstance(args["project_name"], str) or not args["project_name"]:
+        fail("project_name", "expected a non-empty str")
+    acc = args["accelerator"]
+    if acc is not None and not hasattr(acc, "prepare"):
+        fail("accelerator", "expected None or an accelerate.Accelerator")
+
+
+def _seed_everything(seed: int) -> None:
+    from accelerate.utils import set_seed
+
+    set_seed(seed)
+
+
+def _make_accelerator(cpu: bool, mixed_precision: str, gradient_accumulation_steps: int) -> Any:
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    # A previous Trainer in this process may have fixed the precision; start from a clean
+    # AcceleratorState (the process group, held by PartialState, is kept).
+    if AcceleratorState._shared_state and AcceleratorState._shared_state.get("_mixed_precision", mixed_precision) != mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    return Accelerator(
+        cpu=cpu,
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        step_scheduler_with_optimizer=False,
+    )

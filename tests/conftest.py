@@ -1,0 +1,23 @@
+"""Shared fixtures: a fresh Accelerate state per test, and quiet trainers."""
+
+import warnings
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Accelerate keeps process-wide singletons; never let one test's state leak into the next."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.fixture
+def trainer_kwargs(tmp_path):
+    """The arguments every test trainer shares: CPU, no progress bar, a temporary run dir."""
+    return dict(cpu=True, enable_progress_bar=False, default_root_dir=str(tmp_path))
