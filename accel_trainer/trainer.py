@@ -372,10 +372,10 @@ class Trainer:
 
     def _fit_loop(self) -> None:
         while not self._done():
-            stopped_mid_epoch = self._run_train_epoch()
-            if stopped_mid_epoch:
+            if self._run_train_epoch():
+                # stopped inside an epoch (max_steps): the epoch end did not write last.ckpt
+                self._save_last()
                 break
-        self._save_last()
 
     def _done(self) -> bool:
         if self.should_stop:
@@ -448,7 +448,8 @@ class Trainer:
         self._hooks("on_train_epoch_end", monitoring=False)
         state.current_epoch = epoch + 1
         state.batches_done_in_epoch = 0
-        self._runner.after_epoch(epoch + 1)
+        if self._automatic:  # as in Lightning, manual optimization steps its own schedulers
+            self._runner.after_epoch(epoch + 1)
         self._check_rank_sync()
         # monitoring callbacks (checkpoint, early stopping) see the epoch fully finished
         for fn in self._monitoring_epoch_end():
@@ -793,6 +794,14 @@ class Trainer:
         accelerator = self.accelerator
         self._automatic = getattr(module, "automatic_optimization", True)
         dispatcher = _StepDispatcher(module)
+        if len(config.optimizers) > 1 and self._automatic and accelerator.num_processes > 1:
+            # While optimizer i trains, the other optimizers' parameters are frozen and get no
+            # gradient; DDP must be told that parameters may go unused in a backward pass.
+            from accelerate.utils import DistributedDataParallelKwargs
+
+            handler = accelerator.ddp_handler or DistributedDataParallelKwargs()
+            handler.find_unused_parameters = True
+            accelerator.ddp_handler = handler
         prepared = accelerator.prepare(dispatcher, *config.optimizers, *[c.scheduler for c in config.schedulers])
         if not isinstance(prepared, (list, tuple)):
             prepared = [prepared]
@@ -1030,9 +1039,23 @@ def _make_accelerator(cpu: bool, mixed_precision: str, gradient_accumulation_ste
     if AcceleratorState._shared_state and AcceleratorState._shared_state.get("_mixed_precision", mixed_precision) != mixed_precision:
         AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
-    return Accelerator(
+    accelerator = Accelerator(
         cpu=cpu,
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=gradient_accumulation_steps,
         step_scheduler_with_optimizer=False,
     )
+    _check_launch(accelerator)
+    return accelerator
+
+
+def _check_launch(accelerator: Any) -> None:
+    """Refuse a launch that would silently train N independent world-size-1 copies."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world_size > 1 and accelerator.num_processes == 1:
+        raise ConfigurationError(
+            f"WORLD_SIZE={world_size} in the environment, but this process joined no process group "
+            "(accelerator.num_processes == 1), so each process would train its own copy. On a machine "
+            "without GPUs launch with ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes "
+            f"{world_size} ... (or Trainer(cpu=True)); on GPUs check that every process sees a GPU."
+        )
