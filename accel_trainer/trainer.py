@@ -482,9 +482,11 @@ class Trainer:
 
     # -- one batch ------------------------------------------------------------------------------
     def _train_batch(self, batch: Any, batch_idx: int, is_boundary: bool) -> Any:
-        if not self._automatic:
+        if not self._automatic or not self._optimizers:
+            # manual optimization, or configure_optimizers returned None (forward passes only)
             self.accelerator.sync_gradients = True
-            return self._wrapped("training_step", batch, batch_idx)
+            self._last_output = self._wrapped("training_step", batch, batch_idx)
+            return self._last_output
         accelerator = self.accelerator
         accelerator.sync_gradients = is_boundary
         context = (
