@@ -489,13 +489,11 @@ class Trainer:
             return self._last_output
         accelerator = self.accelerator
         accelerator.sync_gradients = is_boundary
-        context = (
-            accelerator.no_sync(self._wrapped)
-            if not is_boundary and accelerator.num_processes > 1
-            else contextlib.nullcontext()
-        )
         outputs = None
-        with context:
+        with contextlib.ExitStack() as context:
+            if not is_boundary and accelerator.num_processes > 1:
+                for wrapper in self._unique_wrappers:
+                    context.enter_context(accelerator.no_sync(wrapper))
             for opt_idx in self._due_optimizers():
                 outputs = self._optimize(batch, batch_idx, opt_idx, is_boundary)
         return outputs
@@ -537,7 +535,7 @@ class Trainer:
 
     def _forward_backward(self, batch: Any, batch_idx: int, opt_idx: int) -> torch.Tensor | None:
         if self._pass_optimizer_idx:
-            output = self._wrapped("training_step", batch, batch_idx, opt_idx)
+            output = self._wrappers[opt_idx]("training_step", batch, batch_idx, opt_idx)
         else:
             output = self._wrapped("training_step", batch, batch_idx)
         self._last_output = output
@@ -795,22 +793,18 @@ class Trainer:
     def _setup_optimization(self, module: TrainingModule, config: OptimizationConfig) -> None:
         accelerator = self.accelerator
         self._automatic = getattr(module, "automatic_optimization", True)
-        dispatcher = _StepDispatcher(module)
-        if len(config.optimizers) > 1 and self._automatic and accelerator.num_processes > 1:
-            # While optimizer i trains, the other optimizers' parameters are frozen and get no
-            # gradient; DDP must be told that parameters may go unused in a backward pass.
-            from accelerate.utils import DistributedDataParallelKwargs
-
-            handler = accelerator.ddp_handler or DistributedDataParallelKwargs()
-            handler.find_unused_parameters = True
-            accelerator.ddp_handler = handler
-        prepared = accelerator.prepare(dispatcher, *config.optimizers, *[c.scheduler for c in config.schedulers])
+        n_opt = len(config.optimizers)
+        dispatchers = self._make_dispatchers(module, config)
+        prepared = accelerator.prepare(*dispatchers, *config.optimizers, *[c.scheduler for c in config.schedulers])
         if not isinstance(prepared, (list, tuple)):
             prepared = [prepared]
-        self._wrapped = prepared[0]
-        n_opt = len(config.optimizers)
-        self._optimizers = list(prepared[1 : 1 + n_opt])
-        for cfg, sched in zip(config.schedulers, prepared[1 + n_opt :]):
+        wrappers, prepared = list(prepared[: len(dispatchers)]), list(prepared[len(dispatchers) :])
+        self._wrapped = wrappers[0]
+        # the wrapper each optimizer's training_step runs through (the same one unless per-optimizer DDP)
+        self._wrappers = wrappers if len(wrappers) == n_opt else [wrappers[0]] * max(n_opt, 1)
+        self._unique_wrappers = wrappers
+        self._optimizers = prepared[:n_opt]
+        for cfg, sched in zip(config.schedulers, prepared[n_opt:]):
             # We decide when a scheduler steps; Accelerate's wrapper would otherwise step it
             # num_processes times per call and skip steps by its own rules.
             if hasattr(sched, "step_with_optimizer"):
@@ -834,6 +828,38 @@ class Trainer:
                             if id(p) not in own:
                                 others[id(p)] = p
                 self._toggle_off.append(list(others.values()))
+
+    def _make_dispatchers(self, module: TrainingModule, config: OptimizationConfig) -> list[_StepDispatcher]:
+        """One dispatcher, or one per optimizer when several optimizers train under DDP.
+
+        Under DDP, the loop's toggling means optimizer i's backward gives gradients only to
+        optimizer i's parameters. One DDP wrapper would then need ``find_unused_parameters``
+        (a graph traversal on every step). Instead each optimizer gets its own DDP wrapper
+        that ignores every parameter it does not own: each backward reduces exactly the
+        gradients it produced. Optimizers that share parameters fall back to one wrapper with
+        ``find_unused_parameters=True``.
+        """
+        accelerator = self.accelerator
+        n_opt = len(config.optimizers)
+        ddp = str(accelerator.distributed_type) in ("DistributedType.MULTI_GPU", "DistributedType.MULTI_CPU", "MULTI_GPU", "MULTI_CPU")
+        if n_opt < 2 or not self._automatic or accelerator.num_processes == 1 or not ddp:
+            return [_StepDispatcher(module)]
+        owners = [{id(p) for g in opt.param_groups for p in g["params"]} for opt in config.optimizers]
+        shared = any(owners[i] & owners[j] for i in range(n_opt) for j in range(i + 1, n_opt))
+        if shared:
+            from accelerate.utils import DistributedDataParallelKwargs
+
+            handler = accelerator.ddp_handler or DistributedDataParallelKwargs()
+            handler.find_unused_parameters = True
+            accelerator.ddp_handler = handler
+            return [_StepDispatcher(module)]
+        dispatchers = []
+        for own in owners:
+            dispatcher = _StepDispatcher(module)
+            ignored = [name for name, p in dispatcher.named_parameters() if id(p) not in own]
+            torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(dispatcher, ignored)
+            dispatchers.append(dispatcher)
+        return dispatchers
 
     def _prepare_model_only(self, module: TrainingModule) -> None:
         module.to(self.accelerator.device)
