@@ -228,6 +228,7 @@ class Trainer:
                 f"Trainer(gradient_accumulation_steps={gradient_accumulation_steps}) conflicts with the given "
                 f"accelerator's gradient_accumulation_steps={accelerator.gradient_accumulation_steps}. Set it on one of them."
             )
+        _check_launch(accelerator)
         self._accelerator = accelerator
         self.gradient_accumulation_steps = accelerator.gradient_accumulation_steps
 
@@ -429,7 +430,7 @@ class Trainer:
             if self.max_steps >= 0 and state.global_step >= self.max_steps:
                 stopped_by_steps = n_batches is None or batch_idx + 1 < n_batches
                 break
-            if self.should_stop:
+            if self._should_stop_now(is_boundary):
                 break
             if validate_this_epoch and val_every and (batch_idx + 1) % val_every == 0 and (
                 n_batches is None or batch_idx + 1 < n_batches
@@ -454,8 +455,24 @@ class Trainer:
         # monitoring callbacks (checkpoint, early stopping) see the epoch fully finished
         for fn in self._monitoring_epoch_end():
             fn(self, module)
+        self.should_stop = self._any_rank(self.should_stop)
         self._save_last()
         return False
+
+    def _should_stop_now(self, is_boundary: bool) -> bool:
+        """``should_stop`` agreed by all ranks; on several ranks checked at logging boundaries only."""
+        if self.accelerator.num_processes == 1:
+            return self.should_stop
+        if not (is_boundary and self.state.global_step % self.log_every_n_steps == 0):
+            return False
+        self.should_stop = self._any_rank(self.should_stop)
+        return self.should_stop
+
+    def _any_rank(self, flag: bool) -> bool:
+        if self.accelerator.num_processes == 1:
+            return flag
+        tensor = torch.tensor([float(flag)], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(tensor, "sum").item() > 0)
 
     def _monitoring_epoch_end(self) -> list[Callable]:
         cbs, _ = self._hooks._cache.get("on_train_epoch_end") or self._hooks._resolve("on_train_epoch_end")
@@ -542,10 +559,16 @@ class Trainer:
         loss = self._extract_loss(output, opt_idx)
         if loss is None:
             return None
-        if not bool(torch.isfinite(loss)):
+        nonfinite = not bool(torch.isfinite(loss))
+        if self.accelerator.num_processes > 1:
+            # Every rank must take the same branch, or DDP waits forever for the skipping rank.
+            flag = torch.tensor([float(nonfinite)], device=self.accelerator.device)
+            nonfinite = bool(self.accelerator.reduce(flag, "sum").item() > 0)
+        if nonfinite:
             if self._nonfinite_is_fatal():
                 raise TrainingError(
-                    f"training_step returned a non-finite loss ({loss.item()}) at epoch {self.state.current_epoch}, "
+                    f"training_step returned a non-finite loss ({loss.item()} on rank "
+                    f"{self.accelerator.process_index}; a non-finite loss on any rank stops all ranks) at epoch {self.state.current_epoch}, "
                     f"batch_idx {batch_idx}, optimizer {opt_idx}. Pass Trainer(on_nonfinite_loss='skip') to skip such "
                     "steps instead, or lower the learning rate / enable gradient clipping."
                 )
@@ -1067,19 +1090,29 @@ def _make_accelerator(cpu: bool, mixed_precision: str, gradient_accumulation_ste
     if AcceleratorState._shared_state and AcceleratorState._shared_state.get("_mixed_precision", mixed_precision) != mixed_precision:
         AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
+    if _launched_world_size() > 1 and not cpu and not torch.cuda.is_available():
+        # A multi-process launch on a machine without GPUs: join the job over gloo on CPU
+        # instead of letting every process train its own world-size-1 copy.
+        cpu = True
     accelerator = Accelerator(
         cpu=cpu,
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=gradient_accumulation_steps,
         step_scheduler_with_optimizer=False,
     )
-    _check_launch(accelerator)
     return accelerator
+
+
+def _launched_world_size() -> int:
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1") or 1)
+    except ValueError:
+        return 1
 
 
 def _check_launch(accelerator: Any) -> None:
     """Refuse a launch that would silently train N independent world-size-1 copies."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    world_size = _launched_world_size()
     if world_size > 1 and accelerator.num_processes == 1:
         raise ConfigurationError(
             f"WORLD_SIZE={world_size} in the environment, but this process joined no process group "

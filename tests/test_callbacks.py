@@ -221,6 +221,8 @@ class _EpochCounter(Callback):
     [
         # best 4.0 at epoch 1; epochs 2 and 3 do not improve -> patience 2 exhausted at epoch 3
         ([5.0, 4.0, 4.5, 4.2, 3.0, 2.0, 1.0, 0.5], "min", 2, 0.0, 3),
+        # an equal value is no improvement: best 2.0 at epoch 1, then 2.0, 2.0 -> epoch 3
+        ([3.0, 2.0, 2.0, 2.0, 1.0, 0.5, 0.25, 0.1], "min", 2, 0.0, 3),
         # improvements smaller than min_delta do not count: 4.95 and 4.92 are not < 5 - 0.1
         ([5.0, 4.95, 4.92, 4.5, 4.0, 3.5, 3.0, 2.5], "min", 2, 0.1, 2),
         # max mode: best 3.0 at epoch 2, then 2.5, 2.9, 3.0 (equal is no improvement) -> epoch 5
