@@ -1068,6 +1068,12 @@ def _validate_trainer_args(args: dict[str, Any]) -> None:
                 raise ConfigurationError(
                     f"Trainer(callbacks=[...]) contains a {type(cb).__name__}; every callback must subclass accel_trainer.Callback."
                 )
+    for name in ("cpu", "enable_progress_bar"):
+        if not isinstance(args[name], bool):
+            fail(name, "expected True or False")
+    root = args["default_root_dir"]
+    if not isinstance(root, (str, os.PathLike)) or not os.fspath(root):
+        fail("default_root_dir", "expected a non-empty path (str or os.PathLike)")
     if not isinstance(args["project_name"], str) or not args["project_name"]:
         fail("project_name", "expected a non-empty str")
     acc = args["accelerator"]

@@ -86,10 +86,10 @@ class EarlyStopping(Callback):
 
     def _stop(self, trainer: Any, reason: str) -> None:
         trainer.should_stop = True
-        self.stopped_epoch = trainer.current_epoch
+        self.stopped_epoch = trainer.current_epoch - 1  # the 0-based epoch just finished, as in Lightning
         self.stopping_reason = reason
         if self.verbose and trainer.is_global_zero:
-            print(f"EarlyStopping: stopping at epoch {trainer.current_epoch}: {reason}.")
+            print(f"EarlyStopping: stopping after epoch {self.stopped_epoch}: {reason}.")
 
     def state_dict(self) -> dict[str, Any]:
         return {"wait_count": self.wait_count, "stopped_epoch": self.stopped_epoch, "best_score": self.best_score, "patience": self.patience}

@@ -86,23 +86,25 @@ class ModelCheckpoint(Callback):
             self.dirpath = trainer.checkpoint_dir
 
     def on_train_epoch_end(self, trainer: Any, module: Any) -> None:
+        # runs after the epoch is counted: current_epoch is the number of completed epochs
         if self.every_n_epochs and trainer.current_epoch % self.every_n_epochs == 0:
-            self._save(trainer)
+            self._save(trainer, epoch=trainer.current_epoch - 1)
 
     def on_train_batch_end(self, trainer: Any, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         n = self.every_n_train_steps
         if n and trainer.global_step > 0 and trainer.global_step % n == 0 and trainer.global_step != getattr(self, "_last_step_saved", -1):
             self._last_step_saved = trainer.global_step
-            self._save(trainer)
+            self._save(trainer, epoch=trainer.current_epoch)
 
     # -- saving -------------------------------------------------------------------------------
-    def _save(self, trainer: Any) -> None:
+    def _save(self, trainer: Any, epoch: int) -> None:
+        """Save for ``epoch`` (0-based, as in Lightning's file names)."""
         if self.save_top_k == 0:
             if self.save_last:
                 self._save_last(trainer)
             return
         score = self._current_score(trainer)
-        path = self._format_path(trainer)
+        path = self._format_path(trainer, epoch)
         if self.monitor is None:
             trainer.save_checkpoint(path)
             self._recent.append(path)
@@ -156,8 +158,8 @@ class ModelCheckpoint(Callback):
         pick = min if self.mode == "min" else max
         return pick(self.best_k_models, key=self.best_k_models.get)
 
-    def _format_path(self, trainer: Any) -> str:
-        values = {"epoch": trainer.current_epoch, "step": trainer.global_step}
+    def _format_path(self, trainer: Any, epoch: int) -> str:
+        values = {"epoch": epoch, "step": trainer.global_step}
         for k, v in trainer.callback_metrics.items():
             values.setdefault(k, float(v))
         try:
