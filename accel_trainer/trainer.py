@@ -47,6 +47,7 @@ from .errors import ConfigurationError, TrainingError
 from .loggers import build_trackers, normalise_log_with
 from .metrics import MetricCollector
 from .module import TrainingModule
+from .progress import make_progress
 from .optim import OptimizationConfig, SchedulerConfig, parse_configure_optimizers, requires_closure
 from .scheduling import SchedulerRunner, StepTracker
 from .state import TrainingState
@@ -934,11 +935,7 @@ class Trainer:
         return sorted(set(gather_object(list(names))))
 
     def _progress(self, total: Any, epoch: int) -> Any:
-        if not (self.enable_progress_bar and self.accelerator.is_main_process):
-            return None
-        from tqdm.auto import tqdm
-
-        return tqdm(total=total if total != math.inf else None, desc=f"Epoch {epoch}", leave=False, dynamic_ncols=True)
+        return make_progress(total, epoch, self.enable_progress_bar and self.accelerator.is_main_process)
 
     def _progress_postfix(self) -> dict[str, str]:
         postfix = {}
