@@ -118,3 +118,99 @@ def check_compatible(checkpoint: dict[str, Any], module: torch.nn.Module, num_op
         problems.append(f"the checkpoint has {n_sched} scheduler(s), configure_optimizers returned {num_schedulers}")
     if problems:
         raise CheckpointError(f"Checkpoint {path!r} does not fit {type(module).__name__}: " + "; ".join(problems) + ".")
+
+
+# -- what a checkpoint holds ------------------------------------------------------------------
+def _sampler_generator(loader: Any) -> torch.Generator | None:
+    """The generator a prepared dataloader draws each epoch's shuffling order from."""
+    return getattr(loader, "synchronized_generator", None)
+
+
+def capture_epoch_start(loader: Any) -> dict[str, Any]:
+    """RNG and sampler state just before an epoch draws its shuffling order."""
+    generator = _sampler_generator(loader)
+    return {
+        "rng": capture_rng_state(),
+        "sampler_generator": generator.get_state() if generator is not None else None,
+    }
+
+
+def restore_epoch_start(loader: Any, snapshot: dict[str, Any]) -> None:
+    restore_rng_state(snapshot["rng"])
+    generator = _sampler_generator(loader)
+    if generator is not None and snapshot.get("sampler_generator") is not None:
+        generator.set_state(snapshot["sampler_generator"])
+
+
+def build_checkpoint(trainer: Any) -> dict[str, Any]:
+    """Everything needed to continue ``trainer``'s fit exactly (call on every rank)."""
+    from accelerate.utils import gather_object
+
+    module = trainer.module
+    state = trainer.state
+    at_boundary = state.batches_done_in_epoch == 0
+    loader = getattr(trainer, "_train_loader", None)
+    epoch_start = capture_epoch_start(loader) if at_boundary or trainer._epoch_start is None else trainer._epoch_start
+    per_rank = {"rng": capture_rng_state(), "epoch_start": epoch_start}
+    if trainer.world_size > 1:
+        per_rank_states = gather_object([per_rank])
+    else:
+        per_rank_states = [per_rank]
+    checkpoint: dict[str, Any] = {
+        "format": FORMAT,
+        "state_dict": module.state_dict(),
+        "optimizer_states": [opt.state_dict() for opt in trainer.optimizers],
+        "lr_schedulers": [cfg.scheduler.state_dict() for cfg in trainer.lr_schedulers],
+        "loops": state.state_dict(),
+        # Gradients an optimizer_step override left un-zeroed (it skipped a step) carry into
+        # the next batch; without them a resumed run would take a different step.
+        "grads": {name: p.grad for name, p in module.named_parameters() if p.grad is not None},
+        "world_size": trainer.world_size,
+        "rank_states": per_rank_states,
+        "callbacks": {cb.state_key: plain(cb.state_dict()) for cb in trainer.callbacks},
+        "callback_metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
+        "hparams": plain(dict(module.hparams)),
+    }
+    scaler = getattr(trainer.accelerator, "scaler", None)
+    if scaler is not None:
+        checkpoint["scaler"] = scaler.state_dict()
+    trainer._hooks("on_save_checkpoint", checkpoint)
+    return checkpoint
+
+
+def restore_checkpoint(trainer: Any, path: str) -> dict[str, Any] | None:
+    """Load ``path`` into ``trainer``; returns what a mid-epoch resume still needs (else None)."""
+    checkpoint = load_checkpoint_file(path)
+    module = trainer.module
+    check_compatible(checkpoint, module, len(trainer.optimizers), len(trainer.lr_schedulers), path)
+    module.load_state_dict(checkpoint["state_dict"])
+    grads = checkpoint.get("grads", {})
+    for name, p in module.named_parameters():
+        p.grad = grads[name].to(p.device, p.dtype) if name in grads else None
+    for opt, opt_state in zip(trainer.optimizers, checkpoint["optimizer_states"]):
+        opt.load_state_dict(opt_state)
+    for cfg, sched_state in zip(trainer.lr_schedulers, checkpoint["lr_schedulers"]):
+        cfg.scheduler.load_state_dict(sched_state)
+    scaler = getattr(trainer.accelerator, "scaler", None)
+    if scaler is not None and "scaler" in checkpoint:
+        scaler.load_state_dict(checkpoint["scaler"])
+    trainer.state.load_state_dict(checkpoint["loops"])
+    saved_world = int(checkpoint.get("world_size", 1))
+    if saved_world != trainer.world_size and trainer.state.batches_done_in_epoch:
+        # The position is counted in per-rank batches: convert through the global batch count.
+        trainer.state.batches_done_in_epoch = trainer.state.batches_done_in_epoch * saved_world // trainer.world_size
+    for cb in trainer.callbacks:
+        if cb.state_key in checkpoint["callbacks"]:
+            cb.load_state_dict(checkpoint["callbacks"][cb.state_key])
+    for name, value in checkpoint.get("callback_metrics", {}).items():
+        trainer.callback_metrics.setdefault(name, torch.tensor(value))
+    rank_states = checkpoint["rank_states"]
+    mine = rank_states[trainer.accelerator.process_index] if saved_world == trainer.world_size else rank_states[0]
+    loader = getattr(trainer, "_train_loader", None)
+    if trainer.state.batches_done_in_epoch == 0:
+        restore_epoch_start(loader, mine["epoch_start"])  # the next epoch starts exactly as it would have
+    restore_rng_state(mine["rng"])
+    trainer._hooks("on_load_checkpoint", checkpoint)
+    if trainer.state.batches_done_in_epoch == 0:
+        return None
+    return {"rng": mine["rng"], "epoch_start": mine["epoch_start"]}

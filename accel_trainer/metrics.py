@@ -59,6 +59,8 @@ class _Entry:
     epoch_sum: Any = None  # weighted sum (mean/sum) or running max/min
     epoch_weight: float = 0.0
     metric: Any = None  # torchmetrics.Metric, computed at epoch end
+    is_metric: bool = False
+    metric_path: str | None = None  # where the metric lives in the module, for ranks that never logged it
 
 
 class MetricCollector:
@@ -69,8 +71,9 @@ class MetricCollector:
         num_processes: world size; 1 skips every collective.
     """
 
-    def __init__(self, device: torch.device, num_processes: int = 1) -> None:
+    def __init__(self, device: torch.device, num_processes: int = 1, module: torch.nn.Module | None = None) -> None:
         self.device = device
+        self.module = module
         self.num_processes = num_processes
         self.stage = "train"
         self.in_epoch_end = False
@@ -122,7 +125,9 @@ class MetricCollector:
             entry = entries[name] = _Entry(name, on_step, on_epoch, prog_bar, logger, sync_dist, reduce_fx)
 
         if is_metric_object(value):
-            entry.metric = value
+            if entry.metric is not value:
+                entry.metric, entry.is_metric = value, True
+                entry.metric_path = self._metric_path_of(value)
             cache = getattr(value, "_forward_cache", None)
             if on_step and isinstance(cache, torch.Tensor):
                 entry.step_value = cache.detach()
@@ -192,68 +197,86 @@ class MetricCollector:
         return dict(zip(names, values))
 
     # -- epoch end ------------------------------------------------------------------------------
-    def compute_epoch(self, stage: str, gather_names: Callable[[list[str]], list[str]] | None = None) -> dict[str, float]:
+    def compute_epoch(self, stage: str, gather: Callable[[list], list] | None = None) -> dict[str, float]:
         """Reduce every epoch entry of ``stage`` across ranks; update ``callback_metrics``.
+
+        Every rank must run the same collectives, including a rank that logged nothing (an
+        uneven validation shard can leave a rank without a single batch). So ranks first
+        exchange what they logged (name, reduction, options, where a torchmetrics object
+        lives in the module) and each rank fills in what it lacks before reducing.
 
         Returns the epoch values, keyed as they are logged (``name`` or ``name_epoch``).
         """
         entries = self._entries[stage]
+        if gather is not None and self.num_processes > 1:
+            for meta in gather([self._describe(e) for e in entries.values() if e.on_epoch]):
+                if meta["name"] not in entries:
+                    entries[meta["name"]] = self._placeholder(meta)
         names = sorted(n for n, e in entries.items() if e.on_epoch)
-        if gather_names is not None and self.num_processes > 1:
-            # Every rank must reduce the same vector: take the union of names logged anywhere.
-            names = gather_names(names)
         results: dict[str, float] = {}
+        plain = [entries[n] for n in names if not entries[n].is_metric]
+        metric_entries = [entries[n] for n in names if entries[n].is_metric]
 
-        plain = [n for n in names if entries.get(n) is None or entries[n].metric is None]
-        metric_names = [n for n in names if entries.get(n) is not None and entries[n].metric is not None]
-
-        sums, weights, maxes, mins = [], [], [], []
-        for n in plain:
-            e = entries.get(n)
-            fx = e.reduce_fx if e is not None else "mean"
-            empty = e is None or e.epoch_sum is None
-            if fx in ("mean", "sum"):
-                sums.append(torch.zeros((), dtype=torch.float64) if empty else e.epoch_sum.double().cpu())
-                weights.append(0.0 if empty else float(e.epoch_weight))
-            elif fx == "max":
-                maxes.append(torch.tensor(-math.inf, dtype=torch.float64) if empty else e.epoch_sum.double().cpu())
-            else:
-                mins.append(torch.tensor(math.inf, dtype=torch.float64) if empty else e.epoch_sum.double().cpu())
-
-        if sums:
-            packed = torch.cat([torch.stack(sums), torch.tensor(weights, dtype=torch.float64)]).to(self.device)
-            packed = self._all_reduce(packed, "sum")
-            sum_values, weight_values = packed[: len(sums)].tolist(), packed[len(sums) :].tolist()
-        if maxes:
-            max_values = self._all_reduce(torch.stack(maxes).to(self.device), "max").tolist()
-        if mins:
-            min_values = self._all_reduce(torch.stack(mins).to(self.device), "min").tolist()
-
-        i_sum = i_max = i_min = 0
-        for n in plain:
-            e = entries.get(n)
-            fx = e.reduce_fx if e is not None else "mean"
-            if fx in ("mean", "sum"):
-                total, weight = sum_values[i_sum], weight_values[i_sum]
-                i_sum += 1
-                if weight == 0:
-                    continue
-                value = total / weight if fx == "mean" else total
-            elif fx == "max":
-                value = max_values[i_max]
-                i_max += 1
-            else:
-                value = min_values[i_min]
-                i_min += 1
-            if e is not None:
-                self._publish_epoch(e, value, results)
-
-        for n in metric_names:
-            e = entries[n]
+        groups: dict[str, list[_Entry]] = {"sum": [], "max": [], "min": []}
+        for e in plain:
+            groups["sum" if e.reduce_fx in ("mean", "sum") else e.reduce_fx].append(e)
+        if groups["sum"]:
+            values = [torch.zeros((), dtype=torch.float64) if e.epoch_sum is None else e.epoch_sum.double().cpu() for e in groups["sum"]]
+            weights = torch.tensor([float(e.epoch_weight) for e in groups["sum"]], dtype=torch.float64)
+            packed = self._all_reduce(torch.cat([torch.stack(values), weights]).to(self.device), "sum").tolist()
+            n = len(groups["sum"])
+            for e, total, weight in zip(groups["sum"], packed[:n], packed[n:]):
+                if weight:
+                    self._publish_epoch(e, total / weight if e.reduce_fx == "mean" else total, results)
+        for op, neutral in (("max", -math.inf), ("min", math.inf)):
+            if groups[op]:
+                values = [torch.tensor(neutral, dtype=torch.float64) if e.epoch_sum is None else e.epoch_sum.double().cpu() for e in groups[op]]
+                for e, value in zip(groups[op], self._all_reduce(torch.stack(values).to(self.device), op).tolist()):
+                    if math.isfinite(value) or e.epoch_sum is not None:
+                        self._publish_epoch(e, value, results)
+        for e in metric_entries:
+            if e.metric is None:
+                continue
             value = float(e.metric.compute())  # torchmetrics syncs its states across ranks itself
             e.metric.reset()
             self._publish_epoch(e, value, results)
         return results
+
+    def _describe(self, entry: _Entry) -> dict[str, Any]:
+        return {
+            "name": entry.name, "reduce_fx": entry.reduce_fx, "on_step": entry.on_step, "prog_bar": entry.prog_bar,
+            "logger": entry.logger, "is_metric": entry.is_metric, "metric_path": entry.metric_path,
+        }
+
+    def _placeholder(self, meta: dict[str, Any]) -> _Entry:
+        """The entry another rank logged and this one did not (it contributes nothing)."""
+        entry = _Entry(meta["name"], meta["on_step"], True, meta["prog_bar"], meta["logger"], False, meta["reduce_fx"])
+        entry.is_metric = meta["is_metric"]
+        entry.metric_path = meta["metric_path"]
+        if entry.is_metric:
+            entry.metric = self._find_metric(meta["metric_path"])
+            if entry.metric is None:
+                raise ConfigurationError(
+                    f"Metric {meta['name']!r} is a torchmetrics object another rank logged, but this rank cannot find "
+                    "it: keep torchmetrics objects as attributes of the module so every rank can sync them."
+                )
+        return entry
+
+    def _metric_path_of(self, metric: Any) -> str | None:
+        if self.module is None:
+            return None
+        for path, sub in self.module.named_modules():
+            if sub is metric:
+                return path
+        return None
+
+    def _find_metric(self, path: str | None) -> Any:
+        if path is None or self.module is None:
+            return None
+        try:
+            return self.module.get_submodule(path)
+        except AttributeError:
+            return None
 
     def _publish_epoch(self, entry: _Entry, value: float, results: dict[str, float]) -> None:
         tensor = torch.tensor(value)

@@ -53,6 +53,7 @@ from .scheduling import SchedulerRunner, StepTracker
 from .state import TrainingState
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
+_EXHAUSTED = object()
 CLIP_ALGORITHMS = ("norm", "value")
 NONFINITE_POLICIES = ("raise", "skip")
 
@@ -405,7 +406,7 @@ class Trainer:
         skip = state.batches_done_in_epoch
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
-        iterator = iter(self.accelerator.skip_first_batches(loader, skip) if skip else loader)
+        iterator = self._epoch_iterator(loader, skip)
         progress = self._progress(n_batches, epoch)
         stopped_by_steps = False
         batch_idx = skip - 1
@@ -460,6 +461,29 @@ class Trainer:
         self._save_last()
         return False
 
+    def _epoch_iterator(self, loader: Any, skip: int) -> Iterable:
+        """This epoch's batches, resuming exactly after ``skip`` batches when restored mid-epoch.
+
+        The shuffling order of an epoch is drawn when its first batch is fetched, from the
+        sampler's generator (and the global RNG). A checkpoint records both as they were when
+        the epoch started; resuming replays that draw, skips the batches already trained on,
+        then restores the RNG as it was at the save, so dropout & co. continue identically.
+        """
+        resume, self._resume = self._resume, None
+        if resume is None or not skip:
+            self._epoch_start = ckpt_io.capture_epoch_start(loader)
+            yield from loader
+            return
+        self._epoch_start = resume["epoch_start"]
+        ckpt_io.restore_epoch_start(loader, self._epoch_start)
+        iterator = iter(self.accelerator.skip_first_batches(loader, skip))
+        first = next(iterator, _EXHAUSTED)
+        ckpt_io.restore_rng_state(resume["rng"])
+        if first is _EXHAUSTED:
+            return
+        yield first
+        yield from iterator
+
     def _should_stop_now(self, is_boundary: bool) -> bool:
         """``should_stop`` agreed by all ranks; on several ranks checked at logging boundaries only."""
         if self.accelerator.num_processes == 1:
@@ -482,7 +506,7 @@ class Trainer:
     def _end_train_epoch_metrics(self) -> None:
         metrics = self._metrics
         metrics.stage = "train"
-        results = metrics.compute_epoch("train", self._gather_names)
+        results = metrics.compute_epoch("train", self._gather_from_ranks)
         if results:
             self._log_to_trackers({**results, "epoch": self.state.current_epoch}, self.state.global_step)
 
@@ -699,7 +723,7 @@ class Trainer:
             self._hooks(f"on_{kind}_epoch_end")
         finally:
             metrics.in_epoch_end = False
-        results = metrics.compute_epoch(stage, self._gather_names)
+        results = metrics.compute_epoch(stage, self._gather_from_ranks)
         if log and results:
             self._log_to_trackers(results, self.state.global_step)
         self._hooks(f"on_{kind}_end")
@@ -750,10 +774,12 @@ class Trainer:
             _seed_everything(self.seed)
         self._module = module
         module.trainer = self
-        self._metrics = MetricCollector(self.accelerator.device, self.accelerator.num_processes)
+        self._metrics = MetricCollector(self.accelerator.device, self.accelerator.num_processes, module)
         self._hooks = _Hooks(self, module, self.callbacks)
         self._last_output = None
         self._last_loss = None
+        self._resume: dict[str, Any] | None = None
+        self._epoch_start: dict[str, Any] | None = None
         self.nonfinite_skips = 0
         if datamodule is not None:
             if self.accelerator.is_local_main_process and callable(getattr(datamodule, "prepare_data", None)):
@@ -929,10 +955,11 @@ class Trainer:
         """Send already-computed values (floats) to every tracker, e.g. from a callback."""
         self._log_to_trackers(values, self.state.global_step if step is None else step)
 
-    def _gather_names(self, names: list[str]) -> list[str]:
+    def _gather_from_ranks(self, items: list) -> list:
+        """Everything every rank passed in, in rank order (one object collective)."""
         from accelerate.utils import gather_object
 
-        return sorted(set(gather_object(list(names))))
+        return gather_object(list(items))
 
     def _progress(self, total: Any, epoch: int) -> Any:
         return make_progress(total, epoch, self.enable_progress_bar and self.accelerator.is_main_process)
@@ -963,22 +990,7 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
     def _checkpoint_dict(self) -> dict[str, Any]:
-        module = self._module
-        checkpoint: dict[str, Any] = {
-            "format": ckpt_io.FORMAT,
-            "state_dict": module.state_dict(),
-            "optimizer_states": [opt.state_dict() for opt in self._optimizers],
-            "lr_schedulers": [cfg.scheduler.state_dict() for cfg in self._scheduler_configs],
-            "loops": self.state.state_dict(),
-            "rng": ckpt_io.capture_rng_state(),
-            "callbacks": {cb.state_key: ckpt_io.plain(cb.state_dict()) for cb in self.callbacks},
-            "hparams": ckpt_io.plain(dict(module.hparams)),
-        }
-        scaler = getattr(self.accelerator, "scaler", None)
-        if scaler is not None:
-            checkpoint["scaler"] = scaler.state_dict()
-        self._hooks("on_save_checkpoint", checkpoint)
-        return checkpoint
+        return ckpt_io.build_checkpoint(self)
 
     def _save_last(self) -> None:
         self.save_checkpoint(os.path.join(self.checkpoint_dir, ckpt_io.LAST_NAME))
@@ -990,23 +1002,7 @@ class Trainer:
             if not os.path.isfile(path):
                 warnings.warn(f"ckpt_path='last' but {path} does not exist yet: starting from scratch.", UserWarning)
                 return
-        checkpoint = ckpt_io.load_checkpoint_file(path)
-        module = self._module
-        ckpt_io.check_compatible(checkpoint, module, len(self._optimizers), len(self._scheduler_configs), path)
-        module.load_state_dict(checkpoint["state_dict"])
-        for opt, state in zip(self._optimizers, checkpoint["optimizer_states"]):
-            opt.load_state_dict(state)
-        for cfg, state in zip(self._scheduler_configs, checkpoint["lr_schedulers"]):
-            cfg.scheduler.load_state_dict(state)
-        scaler = getattr(self.accelerator, "scaler", None)
-        if scaler is not None and "scaler" in checkpoint:
-            scaler.load_state_dict(checkpoint["scaler"])
-        self.state.load_state_dict(checkpoint["loops"])
-        for cb in self.callbacks:
-            if cb.state_key in checkpoint["callbacks"]:
-                cb.load_state_dict(checkpoint["callbacks"][cb.state_key])
-        ckpt_io.restore_rng_state(checkpoint["rng"])
-        self._hooks("on_load_checkpoint", checkpoint)
+        self._resume = ckpt_io.restore_checkpoint(self, path)
 
 
 def _validate_trainer_args(args: dict[str, Any]) -> None:

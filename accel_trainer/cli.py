@@ -1,0 +1,552 @@
+"""``accel-trainer``: train, validate and test from YAML configs (jsonargparse, as LightningCLI).
+
+Subcommands::
+
+    accel-trainer fit      --config configs/digits_gan.yaml [--trainer.max_epochs 3] [--module.init_args.lr=0.01]
+    accel-trainer validate --config configs/digits_classifier.yaml [--ckpt_path PATH]
+    accel-trainer test     --config configs/digits_classifier.yaml [--ckpt_path PATH]
+    accel-trainer plot RUN_DIR                                     # PNG curves of metrics.csv and the LRs
+    accel-trainer lr-schedule --config configs/digits_gan.yaml --steps 2000   # the LR schedule, without training
+
+``python -m accel_trainer ...`` and ``launch/train.py ...`` (= ``fit``) are the same command.
+A config has these top-level keys (any value can be overridden with a dotted key,
+``--a.b value`` or ``--a.b=value``)::
+
+    module:        {class_path: pkg.Class, init_args: {...}}   # a TrainingModule (required)
+    data:          {class_path: pkg.Class, init_args: {...}}   # a DataModule (optional)
+    trainer:       {max_epochs: 10, default_root_dir: runs/x, ...}   # Trainer arguments
+    optimizer:     {class_path: torch.optim.Adam, init_args: {lr: 0.001}}        # optional
+    lr_scheduler:  {class_path: ..., init_args: {...}, interval: epoch, frequency: 1,
+                    monitor: val_loss, strict: true, name: null, warmup_steps: null}  # optional
+    ckpt_path:     null     # fit: resume from this checkpoint (default: run_dir/checkpoints/last.ckpt if it exists)
+    resume:        true     # fit: false to ignore an existing last.ckpt
+
+What the command does, in order (every process of a launch does the same):
+
+1. Parse and type-check the config against the signatures of the named classes. A bad
+   config (unknown key, wrong type, class not found) prints one error naming the key, the
+   value received and what is allowed, and exits with status 2 (no traceback).
+2. Seed (``trainer.seed``), build the Trainer, the DataModule and the module.
+3. ``optimizer`` / ``lr_scheduler``: give the module instance a ``configure_optimizers``
+   (bound at run time with ``types.MethodType``) that builds them on ``self.parameters()``;
+   this replaces the class's own ``configure_optimizers``, if any, with a warning.
+4. Write the resolved config to ``{trainer.default_root_dir}/config.yaml`` (main process)
+   and hand it to the trackers as ``trainer.run_config``.
+5. ``fit``: resume from ``ckpt_path``, else from ``{default_root_dir}/checkpoints/last.ckpt``
+   when it exists, so re-running an interrupted command continues it.
+
+Under a W&B sweep (``wandb agent`` sets ``WANDB_SWEEP_ID`` and ``WANDB_RUN_ID``) each run gets
+its own directory, ``{default_root_dir}/sweeps/{sweep_id}/{run_id}``, so that the runs of a
+sweep never resume from each other's checkpoints.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import os
+import re
+import sys
+import types
+import warnings
+from typing import Any, Callable, Literal, Optional, Sequence
+
+import torch
+
+from .data import DataModule
+from .errors import CheckpointError, ConfigurationError
+from .module import TrainingModule
+from .trainer import Trainer
+
+PROG = "accel-trainer"
+RUN_COMMANDS = ("fit", "validate", "test")
+CONFIG_ERROR_EXIT = 2
+SCHEDULER_DICT_DEFAULTS = {
+    "interval": "epoch",
+    "frequency": 1,
+    "monitor": None,
+    "strict": True,
+    "name": None,
+    "warmup_steps": None,
+}
+
+
+class CLIError(Exception):
+    """A user error found by the CLI: printed without a traceback, exit status 2."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``accel-trainer`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status.
+
+    Example:
+        >>> main(["fit", "--config", "configs/digits_classifier.yaml", "--trainer.max_epochs", "1"])  # doctest: +SKIP
+        0
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Like ``python -m``, let class paths name modules of the directory the command runs in.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        parser, parsers = build_parser()
+        cfg = _parse(parser, parsers, argv)
+        command = cfg.subcommand
+        if command in RUN_COMMANDS:
+            run(command, parsers[command], cfg[command])
+        elif command == "plot":
+            _plot(cfg[command])
+        else:
+            _lr_schedule(parsers[command], cfg[command])
+    except (CLIError, ConfigurationError, CheckpointError) as err:
+        command = argv[0] if argv and argv[0] in (*RUN_COMMANDS, "plot", "lr-schedule") else ""
+        print(f"{PROG} {command}: error: {err}".replace("  error", " error"), file=sys.stderr, flush=True)
+        return CONFIG_ERROR_EXIT
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The parser
+# ---------------------------------------------------------------------------------------------
+
+
+def build_parser() -> tuple[Any, dict[str, Any]]:
+    """The root parser and one parser per subcommand (``{"fit": parser, ...}``)."""
+    from jsonargparse import ArgumentParser
+
+    root = ArgumentParser(prog=PROG, description=_first_paragraph(__doc__), exit_on_error=False, allow_abbrev=False)
+    subcommands = root.add_subcommands(required=True, dest="subcommand")
+    parsers: dict[str, Any] = {}
+    helps = {
+        "fit": "Train a module (resumes from checkpoints/last.ckpt when it exists).",
+        "validate": "Run one validation pass (weights from --ckpt_path, else the run's last.ckpt).",
+        "test": "Run one test pass (weights from --ckpt_path, else the run's last.ckpt).",
+        "plot": "Write PNG curves of a run's logged metrics and learning rates.",
+        "lr-schedule": "Plot the learning rate each optimizer would follow, without training.",
+    }
+    for name in RUN_COMMANDS:
+        parsers[name] = _run_parser(name, helps[name])
+    parsers["plot"] = _plot_parser(helps["plot"])
+    parsers["lr-schedule"] = _run_parser("lr-schedule", helps["lr-schedule"])
+    parsers["lr-schedule"].add_argument("--steps", type=int, required=True, help="global steps to simulate")
+    parsers["lr-schedule"].add_argument(
+        "--out", type=Optional[str], default=None, help="PNG path (default: {trainer.default_root_dir}/lr_schedule.png)"
+    )
+    for name, parser in parsers.items():
+        subcommands.add_subcommand(name, parser, help=helps[name])
+    return root, parsers
+
+
+def _run_parser(name: str, description: str) -> Any:
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(prog=f"{PROG} {name}", description=description, exit_on_error=False, allow_abbrev=False)
+    parser.add_argument("--config", action=ActionConfigFile, help="a YAML config file (may be given several times)")
+    parser.add_subclass_arguments(TrainingModule, "module", required=True, instantiate=False,
+                                  help="the TrainingModule: class_path and init_args")
+    parser.add_subclass_arguments(DataModule, "data", required=False, instantiate=False,
+                                  help="a DataModule: class_path and init_args (optional when the module has dataloaders)")
+    parser.add_class_arguments(Trainer, "trainer", skip={"accelerator"}, instantiate=False)
+    parser.add_subclass_arguments(torch.optim.Optimizer, "optimizer", skip={"params"}, required=False, instantiate=False,
+                                  help="an optimizer built on the module's parameters (replaces configure_optimizers)")
+    parser.add_argument("--lr_scheduler.class_path", type=Optional[str], default=None,
+                        help="a torch.optim.lr_scheduler class (a short name such as StepLR is enough)")
+    parser.add_argument("--lr_scheduler.init_args", type=Optional[dict], default=None,
+                        help="its arguments, except the optimizer")
+    parser.add_argument("--lr_scheduler.interval", type=Literal["epoch", "step"], default="epoch")
+    parser.add_argument("--lr_scheduler.frequency", type=int, default=1)
+    parser.add_argument("--lr_scheduler.monitor", type=Optional[str], default=None,
+                        help="the metric a ReduceLROnPlateau steps on (default val_loss)")
+    parser.add_argument("--lr_scheduler.strict", type=bool, default=True)
+    parser.add_argument("--lr_scheduler.name", type=Optional[str], default=None)
+    parser.add_argument("--lr_scheduler.warmup_steps", type=Optional[int], default=None,
+                        help="linear warm-up over this many optimizer steps")
+    if name in ("fit", "validate", "test"):
+        parser.add_argument("--ckpt_path", type=Optional[str], default=None,
+                            help="checkpoint to resume from (fit) or to load the weights from (validate, test)")
+    if name == "fit":
+        parser.add_argument("--resume", type=bool, default=True,
+                            help="resume from {default_root_dir}/checkpoints/last.ckpt when it exists and no ckpt_path is given")
+    return parser
+
+
+def _plot_parser(description: str) -> Any:
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(prog=f"{PROG} plot", description=description, exit_on_error=False, allow_abbrev=False)
+    parser.add_argument("run_dir", type=str, help="a run directory (trainer.default_root_dir) holding metrics.csv")
+    parser.add_argument("--out_dir", type=Optional[str], default=None, help="where to write (default: RUN_DIR/plots)")
+    return parser
+
+
+def _parse(parser: Any, parsers: dict[str, Any], argv: list[str]) -> Any:
+    from jsonargparse import ArgumentError
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # jsonargparse's deprecation notices are not for our users
+        try:
+            cfg = parser.parse_args(argv)
+        except ArgumentError as err:
+            raise CLIError(explain_parse_error(str(err), parsers, argv)) from None
+    command = cfg.subcommand
+    if command in parsers and command != "plot":
+        _check_lr_scheduler(cfg[command])
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a config
+# ---------------------------------------------------------------------------------------------
+
+
+def run(command: str, parser: Any, cfg: Any) -> Any:
+    """Build everything ``cfg`` names and run ``command``; returns the trainer.
+
+    Args:
+        command: "fit", "validate" or "test".
+        parser: the subcommand's parser (to dump the resolved config).
+        cfg: the parsed namespace of the subcommand.
+    """
+    _apply_sweep_run_dir(cfg)
+    resolved_text = _dump(parser, cfg)
+    trainer, datamodule, module = build(cfg)
+    trainer.run_config = _yaml_load(resolved_text)
+    root = trainer.default_root_dir
+    if trainer.is_global_zero:
+        name = "config.yaml" if command == "fit" else f"config_{command}.yaml"
+        _atomic_write(os.path.join(root, name), resolved_text)
+    if command == "fit":
+        ckpt_path = cfg.ckpt_path
+        last = os.path.join(root, "checkpoints", "last.ckpt")
+        if ckpt_path is None and cfg.resume and os.path.isfile(last):
+            ckpt_path = "last"
+            _say(trainer, f"Resuming from {last} (pass --resume false, or a new --trainer.default_root_dir, to start over).")
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    else:
+        _load_weights(trainer, module, cfg.ckpt_path)
+        results = getattr(trainer, command)(module, datamodule=datamodule)
+        if trainer.is_global_zero:
+            for key, value in sorted(results[0].items()):
+                print(f"{key}: {float(value):.6g}", flush=True)
+    return trainer
+
+
+def build(cfg: Any) -> tuple[Trainer, DataModule | None, TrainingModule]:
+    """The Trainer, DataModule (or None) and module a parsed config names, in that order.
+
+    The seed is applied first, so the module's initial weights follow ``trainer.seed``.
+    """
+    if cfg.trainer.seed is not None:
+        from accelerate.utils import set_seed
+
+        set_seed(cfg.trainer.seed)
+    trainer_kwargs = _instantiate_kwargs(cfg.trainer, "trainer")
+    trainer = _construct(Trainer, trainer_kwargs, "trainer")
+    datamodule = _instantiate_spec(cfg.data, "data") if cfg.data is not None else None
+    module = _instantiate_spec(cfg.module, "module")
+    if cfg.optimizer is not None:
+        attach_optimizers(module, cfg.optimizer, _scheduler_spec(cfg.lr_scheduler))
+    return trainer, datamodule, module
+
+
+def attach_optimizers(module: TrainingModule, optimizer: Any, lr_scheduler: dict | None = None) -> None:
+    """Give ``module`` a ``configure_optimizers`` that builds the configured optimizer/scheduler.
+
+    The method is bound to this instance at run time (``types.MethodType``), so a module
+    class without ``configure_optimizers`` trains from a config, and one with it is
+    overridden (with a warning) as LightningCLI does.
+
+    Args:
+        module: the module instance.
+        optimizer: ``{"class_path": ..., "init_args": {...}}`` (or a jsonargparse Namespace).
+        lr_scheduler: ``{"class_path": ..., "init_args": {...}, "interval": ..., ...}`` or None;
+            the keys other than class_path/init_args become the scheduler dict of CONTRACT.md.
+    """
+    opt_cls = _import_class(_get(optimizer, "class_path"), "optimizer.class_path")
+    opt_args = _as_dict(_get(optimizer, "init_args"))
+    sched_cls = sched_args = sched_keys = None
+    if lr_scheduler is not None:
+        sched_cls = _import_class(lr_scheduler["class_path"], "lr_scheduler.class_path")
+        sched_args = _as_dict(lr_scheduler.get("init_args"))
+        sched_keys = {k: v for k, v in lr_scheduler.items() if k not in ("class_path", "init_args") and v is not None}
+    if type(module).configure_optimizers is not TrainingModule.configure_optimizers:
+        warnings.warn(
+            f"{type(module).__name__}.configure_optimizers is replaced by the config's optimizer "
+            f"({opt_cls.__name__}){' and lr_scheduler (' + sched_cls.__name__ + ')' if sched_cls else ''}.",
+            UserWarning,
+            stacklevel=2,
+        )
+
+    def configure_optimizers(self: TrainingModule) -> Any:
+        opt = opt_cls(self.parameters(), **opt_args)
+        if sched_cls is None:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched_cls(opt, **sched_args), **sched_keys}}
+
+    module.configure_optimizers = types.MethodType(configure_optimizers, module)
+
+
+def _load_weights(trainer: Trainer, module: TrainingModule, ckpt_path: str | None) -> None:
+    """validate/test: weights from ``ckpt_path``, else the run's ``last.ckpt``, else as built."""
+    from .checkpoint import load_checkpoint_file
+
+    path = ckpt_path
+    if path is None or path == "last":
+        last = os.path.join(trainer.default_root_dir, "checkpoints", "last.ckpt")
+        if os.path.isfile(last):
+            path = last
+        elif path == "last":
+            raise CLIError(f"ckpt_path='last' but {last} does not exist (train first with `{PROG} fit`).")
+        else:
+            _say(trainer, f"No checkpoint at {last}: evaluating the freshly initialised module (pass --ckpt_path).")
+            return
+    state = load_checkpoint_file(path)["state_dict"]
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as err:
+        raise CLIError(f"ckpt_path={path!r} does not fit {type(module).__name__}: {err}") from None
+    _say(trainer, f"Loaded weights from {path}.")
+
+
+def _apply_sweep_run_dir(cfg: Any) -> None:
+    sweep, run_id = os.environ.get("WANDB_SWEEP_ID"), os.environ.get("WANDB_RUN_ID")
+    if sweep and run_id:
+        cfg.trainer.default_root_dir = os.path.join(os.fspath(cfg.trainer.default_root_dir), "sweeps", sweep, run_id)
+
+
+# ---------------------------------------------------------------------------------------------
+# plot and lr-schedule
+# ---------------------------------------------------------------------------------------------
+
+
+def _plot(cfg: Any) -> None:
+    from .plotting import plot_run
+
+    try:
+        paths = plot_run(cfg.run_dir, cfg.out_dir)
+    except (FileNotFoundError, ValueError) as err:
+        raise CLIError(str(err)) from None
+    for path in paths:
+        print(path)
+
+
+def _lr_schedule(parser: Any, cfg: Any) -> None:
+    from .lr_schedule import plot_lr_schedule, simulate_lr_schedule
+
+    if cfg.steps < 1:
+        raise CLIError(f"--steps={cfg.steps} is not allowed: expected an int >= 1.")
+    if cfg.trainer.seed is not None:
+        torch.manual_seed(cfg.trainer.seed)
+    module = _instantiate_spec(cfg.module, "module")
+    if cfg.optimizer is not None:
+        attach_optimizers(module, cfg.optimizer, _scheduler_spec(cfg.lr_scheduler))
+    batches = None
+    if cfg.data is not None:
+        datamodule = _instantiate_spec(cfg.data, "data")
+        datamodule.setup("fit")
+        batches = _len_or_none(datamodule.train_dataloader())
+    elif callable(getattr(module, "train_dataloader", None)):
+        batches = _len_or_none(module.train_dataloader())
+    limit = cfg.trainer.limit_train_batches
+    if batches is not None and limit is not None:
+        batches = min(batches, limit) if isinstance(limit, int) else max(1, int(batches * limit))
+    schedule = simulate_lr_schedule(
+        module, cfg.steps, batches_per_epoch=batches,
+        gradient_accumulation_steps=cfg.trainer.gradient_accumulation_steps,
+    )
+    out = cfg.out or os.path.join(os.fspath(cfg.trainer.default_root_dir), "lr_schedule.png")
+    title = f"{type(module).__name__}: simulated learning rates ({cfg.steps} steps, {batches or 'endless'} batches/epoch)"
+    print(plot_lr_schedule(schedule, out, title=title))
+
+
+def _len_or_none(loader: Any) -> int | None:
+    try:
+        return len(loader)
+    except TypeError:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Instantiation
+# ---------------------------------------------------------------------------------------------
+
+
+def _instantiate_spec(spec: Any, key: str) -> Any:
+    cls = _import_class(_get(spec, "class_path"), f"{key}.class_path")
+    kwargs = _instantiate_kwargs(_get(spec, "init_args"), f"{key}.init_args")
+    return _construct(cls, kwargs, key)
+
+
+def _instantiate_kwargs(init_args: Any, key: str) -> dict[str, Any]:
+    """Init args with nested ``class_path`` specs (e.g. trainer.callbacks) instantiated."""
+    out = {}
+    for name, value in _as_dict(init_args).items():
+        out[name] = _instantiate_value(value, f"{key}.{name}")
+    return out
+
+
+def _instantiate_value(value: Any, key: str) -> Any:
+    if isinstance(value, list):
+        return [_instantiate_value(v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if _is_spec(value):
+        return _instantiate_spec(value, key)
+    return value
+
+
+def _construct(cls: type, kwargs: dict[str, Any], key: str) -> Any:
+    try:
+        return cls(**kwargs)
+    except (ConfigurationError, ValueError) as err:
+        # the class's own validation of its arguments: a config error like any other
+        raise CLIError(f"{key}: {cls.__name__}(...) rejected its arguments: {err}") from None
+
+
+def _is_spec(value: Any) -> bool:
+    return _get(value, "class_path") is not None if hasattr(value, "get") or hasattr(value, "class_path") else False
+
+
+def _get(obj: Any, key: str) -> Any:
+    if obj is None:
+        return None
+    if hasattr(obj, "get"):
+        return obj.get(key)
+    return getattr(obj, key, None)
+
+
+def _as_dict(obj: Any) -> dict[str, Any]:
+    if obj is None:
+        return {}
+    if hasattr(obj, "as_dict") and not isinstance(obj, dict):
+        return {k: getattr(obj, k) for k in vars(obj)}
+    return dict(obj)
+
+
+def _import_class(class_path: str, key: str) -> type:
+    from jsonargparse._util import import_object  # the resolver jsonargparse itself uses
+
+    try:
+        return import_object(class_path)
+    except Exception as err:  # ImportError, AttributeError, ValueError: all "no such class"
+        raise CLIError(f"{key}: cannot import {class_path!r} ({err}).") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# lr_scheduler: a scheduler class plus the scheduler-dict keys
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_lr_scheduler(cfg: Any) -> None:
+    """Resolve ``lr_scheduler.class_path`` and type-check its ``init_args`` against its signature."""
+    from jsonargparse import ArgumentError, ArgumentParser
+
+    section = cfg.lr_scheduler
+    if section.class_path is None:
+        given = {k: section[k] for k in SCHEDULER_DICT_DEFAULTS if section[k] != SCHEDULER_DICT_DEFAULTS[k]}
+        if section.init_args or given:
+            raise CLIError(
+                f"lr_scheduler has {sorted(given) + (['init_args'] if section.init_args else [])} but no class_path. "
+                "Name the scheduler: lr_scheduler.class_path, e.g. torch.optim.lr_scheduler.StepLR."
+            )
+        return
+    if cfg.optimizer is None:
+        raise CLIError(
+            f"lr_scheduler.class_path={section.class_path!r} is set but optimizer is not: a scheduler from the config "
+            "needs an optimizer from the config. Add optimizer: {class_path: torch.optim.Adam, init_args: {lr: ...}}, "
+            "or build the scheduler in the module's configure_optimizers."
+        )
+    path = section.class_path
+    if "." not in path:
+        path = f"torch.optim.lr_scheduler.{path}"
+    cls = _import_class(path, "lr_scheduler.class_path")
+    bases = (torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    if not (isinstance(cls, type) and issubclass(cls, bases)):
+        raise CLIError(
+            f"lr_scheduler.class_path={section.class_path!r} is not allowed: expected a subclass of "
+            "torch.optim.lr_scheduler.LRScheduler or ReduceLROnPlateau, e.g. torch.optim.lr_scheduler.StepLR."
+        )
+    section.class_path = f"{cls.__module__}.{cls.__qualname__}"
+    if section.frequency < 1:
+        raise CLIError(f"lr_scheduler.frequency={section.frequency} is not allowed: expected an int >= 1.")
+    if section.warmup_steps is not None and section.warmup_steps < 1:
+        raise CLIError(f"lr_scheduler.warmup_steps={section.warmup_steps} is not allowed: expected null or an int >= 1.")
+    checker = ArgumentParser(exit_on_error=False, allow_abbrev=False)
+    checker.add_class_arguments(cls, "lr_scheduler.init_args", skip={"optimizer"}, instantiate=False)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            parsed = checker.parse_object({"lr_scheduler": {"init_args": dict(section.init_args or {})}})
+    except ArgumentError as err:
+        allowed = _signature_names(cls, skip={"optimizer"})
+        raise CLIError(_explain_group_error(str(err), "lr_scheduler.init_args", allowed, cls.__name__)) from None
+    section.init_args = {k: v for k, v in vars(parsed.lr_scheduler.init_args).items()}
+
+
+def _scheduler_spec(section: Any) -> dict | None:
+    if section is None or section.class_path is None:
+        return None
+    return {k: section[k] for k in ("class_path", "init_args", *SCHEDULER_DICT_DEFAULTS)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors a user can read
+# ---------------------------------------------------------------------------------------------
+
+
+def explain_parse_error(message: str, parsers: dict[str, Any], argv: list[str]) -> str:
+    """Turn a jsonargparse error into: the key, the value received, what is allowed.
+
+    jsonargparse's own message is kept (indented) below the summary: it carries the detail
+    of nested class arguments.
+    """
+    return message
+
+
+def _explain_group_error(message: str, key: str, allowed: list[str], owner: str) -> str:
+    return message
+
+
+def _signature_names(cls: type, skip: set[str] = frozenset()) -> list[str]:
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        return []
+    return [n for n, p in params.items() if n not in skip and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _dump(parser: Any, cfg: Any) -> str:
+    cfg = cfg.clone()
+    for key in ("config", "__path__"):
+        if key in cfg:
+            del cfg[key]
+    return parser.dump(cfg, skip_none=False, skip_validation=True)
+
+
+def _yaml_load(text: str) -> dict:
+    import yaml
+
+    return yaml.safe_load(text) or {}
+
+
+def _atomic_write(path: str, text: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _say(trainer: Trainer, message: str) -> None:
+    if trainer.is_global_zero:
+        print(f"[{PROG}] {message}", file=sys.stderr, flush=True)
+
+
+def _first_paragraph(doc: str | None) -> str:
+    return (doc or "").strip().split("\n\n")[0]

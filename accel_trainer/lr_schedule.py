@@ -1,0 +1,384 @@
+"""The learning rate each optimizer would follow, computed without training.
+
+A schedule is the product of several rules that interact: the optimizer-dict ``frequency``
+(which optimizer is used at a global step), the module's ``optimizer_step`` override (when
+an optimizer really steps, and any learning rate it writes itself), step schedulers that
+advance after every ``frequency``-th *real* step, epoch schedulers, and the declarative
+``warmup_steps``. :func:`simulate_lr_schedule` replays exactly the trainer's rules — the
+same :class:`~accel_trainer.scheduling.StepTracker` (warm-up, real-step counting) and
+:class:`~accel_trainer.scheduling.SchedulerRunner` (when schedulers step) — over the loop's
+counters, with every optimizer's ``step`` replaced by a no-op that only counts. No batch,
+no forward, no gradient.
+
+``accel-trainer lr-schedule --config CONFIG --steps N`` calls it and :func:`plot_lr_schedule`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import copy
+import itertools
+import os
+import warnings
+from types import SimpleNamespace
+from typing import Any, Callable, Mapping
+
+import torch
+
+from .errors import ConfigurationError
+from .optim import OptimizationConfig, parse_configure_optimizers, unwrap_optimizer
+from .scheduling import SchedulerRunner, StepTracker
+from .state import TrainingState
+
+
+class LRSchedule(dict):
+    """``{name: [learning rate at global step 0, 1, ...]}``, one entry per optimizer param group.
+
+    Names are those ``LearningRateMonitor`` logs (``lr-Adam``, ``lr-SGD``, ``lr-<scheduler
+    name>``, ``.../pg2``), so a simulation compares directly with a run's ``metrics.csv``.
+    The value at step ``s`` is the learning rate the optimizer uses if it steps at global
+    step ``s`` (warm-up included) — the one it did use when it stepped.
+
+    Attributes:
+        real_steps: per name, the global steps at which that optimizer really stepped.
+        epoch_starts: the global steps at which epochs 1, 2, ... start (empty without
+            ``batches_per_epoch``).
+        skipped: descriptions of schedulers that were not simulated (plateau schedulers
+            without ``plateau_metric``).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.real_steps: dict[str, list[int]] = {}
+        self.epoch_starts: list[int] = []
+        self.skipped: list[str] = []
+
+
+def simulate_lr_schedule(
+    module: Any,
+    steps: int,
+    batches_per_epoch: int | None = None,
+    gradient_accumulation_steps: int = 1,
+    plateau_metric: Callable[[int], float] | Mapping[str, Callable[[int], float]] | None = None,
+    copy_module: bool = True,
+) -> LRSchedule:
+    """The learning rate each optimizer would use at each global step, without training.
+
+    Follows the trainer's loop: ``global_step`` counts accumulation boundaries; on each, the
+    optimizers due (optimizer-dict ``frequency``) go through the module's ``optimizer_step``
+    (``self.trainer.global_step`` and ``current_epoch`` are live, as in training); a real
+    step advances that optimizer's step schedulers; after every ``batches_per_epoch``
+    batches, epoch schedulers step (plateau ones with ``plateau_metric``).
+
+    Args:
+        module: a :class:`~accel_trainer.TrainingModule` (automatic optimization).
+        steps: how many global steps to simulate.
+        batches_per_epoch: training batches per epoch (``len(train_dataloader)``, or the
+            ``limit_train_batches`` value); ``None``: one endless epoch (epoch schedulers never step).
+        gradient_accumulation_steps: as the Trainer argument (the last, partial window of an
+            epoch also steps).
+        plateau_metric: for ``ReduceLROnPlateau``: ``f(epoch) -> value`` of the monitored metric
+            at the end of ``epoch`` (0-based), or ``{monitor_name: f}``. ``None``: plateau
+            schedulers are not stepped (listed in ``result.skipped``; warm-up still applies).
+        copy_module: call ``configure_optimizers`` and ``optimizer_step`` on a deep copy, so
+            the module is left untouched. ``False`` uses the module itself (no copy of a large
+            model; its ``trainer`` is restored afterwards).
+
+    Returns:
+        An :class:`LRSchedule`.
+
+    Raises:
+        ConfigurationError: a bad argument, a manual-optimization module, or what
+            ``configure_optimizers`` returns is invalid (the same checks as ``fit``).
+
+    Example:
+        >>> schedule = simulate_lr_schedule(MyGAN(), steps=2000, batches_per_epoch=100)   # doctest: +SKIP
+        >>> schedule["lr-Adam"][:3], schedule.real_steps["lr-Adam"][:3]                    # doctest: +SKIP
+        ([2e-06, 2e-06, 4e-06], [0, 2, 4])
+    """
+    _validate(steps, batches_per_epoch, gradient_accumulation_steps, plateau_metric)
+    sim_module = _detached_copy(module) if copy_module else module
+    if not getattr(sim_module, "automatic_optimization", True):
+        raise ConfigurationError(
+            f"{type(module).__name__} uses manual optimization (automatic_optimization = False): its training_step "
+            "decides when optimizers and schedulers step, which cannot be replayed without training. "
+            "Log the learning rates with LearningRateMonitor instead."
+        )
+    config = parse_configure_optimizers(sim_module.configure_optimizers())
+    result = LRSchedule()
+    if not config.optimizers:
+        return result
+    previous_trainer = getattr(sim_module, "trainer", None)
+    sim = _Simulation(sim_module, config, plateau_metric, steps)
+    try:
+        sim_module.trainer = sim.trainer
+        sim.run(result, steps, batches_per_epoch, gradient_accumulation_steps)
+    finally:
+        sim.close()
+        sim_module.trainer = previous_trainer
+    return result
+
+
+def plot_lr_schedule(schedule: Mapping[str, list[float]], path: str | os.PathLike, title: str | None = None) -> str:
+    """Plot a :func:`simulate_lr_schedule` result to a PNG; returns the path.
+
+    One panel per optimizer param group (learning rates of different optimizers often differ
+    by orders of magnitude), learning rate vs global step, dots at the steps where the
+    optimizer really stepped, dotted lines at epoch starts.
+    """
+    from .plotting import _pyplot
+
+    if not schedule:
+        raise ValueError("The schedule is empty: configure_optimizers returned no optimizer, so there is nothing to plot.")
+    plt = _pyplot()
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    real_steps = getattr(schedule, "real_steps", {}) or {}
+    epoch_starts = getattr(schedule, "epoch_starts", []) or []
+    names = list(schedule)
+    fig, axes = plt.subplots(len(names), 1, figsize=(8.5, 2.6 * len(names) + 0.8), sharex=True, squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for k, (ax, name) in enumerate(zip(axes[:, 0], names)):
+        lrs = schedule[name]
+        color = colors[k % len(colors)]
+        ax.plot(range(len(lrs)), lrs, drawstyle="steps-post", color=color, linewidth=1.5, label=f"{name} (learning rate)")
+        real = real_steps.get(name, [])
+        if real:
+            shown = real if len(real) <= 400 else real[:: max(1, len(real) // 400)]
+            ax.plot(shown, [lrs[s] for s in shown], linestyle="none", marker="o", markersize=2.5, color="black",
+                    label=f"real steps ({len(real)} of {len(lrs)})")
+        for i, start in enumerate(epoch_starts if len(epoch_starts) <= 60 else []):
+            ax.axvline(start, color="0.75", linewidth=0.8, linestyle=":", zorder=0, label="epoch start" if i == 0 else None)
+        positive = [v for v in lrs if v > 0]
+        if len(positive) == len(lrs) and max(positive) / min(positive) > 50:
+            ax.set_yscale("log")  # decays over orders of magnitude stay readable
+        else:
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+        ax.set_ylabel("learning rate")
+        ax.set_title(name)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small", loc="best")
+    axes[-1, 0].set_xlabel("global step")
+    fig.suptitle(title or "Simulated learning-rate schedule (no training)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# -- the simulation ---------------------------------------------------------------------------------
+class _SimulatedTrainer:
+    """What ``self.trainer`` offers an ``optimizer_step`` override during a simulation."""
+
+    simulating = True
+    is_global_zero = True
+    world_size = 1
+    should_stop = False
+
+    def __init__(self, state: TrainingState, config: OptimizationConfig, max_steps: int, metrics: dict) -> None:
+        self.state = state
+        self.optimizers = list(config.optimizers)
+        self.lr_schedulers = list(config.schedulers)
+        self.max_steps = max_steps
+        self.max_epochs = None
+        self.callback_metrics = metrics
+        self.logged_metrics: dict = {}
+        self.progress_bar_metrics: dict = {}
+
+    @property
+    def global_step(self) -> int:
+        return self.state.global_step
+
+    @property
+    def current_epoch(self) -> int:
+        return self.state.current_epoch
+
+    @property
+    def optimizer_steps(self) -> list[int]:
+        return self.state.optimizer_steps
+
+    def __getattr__(self, name: str) -> Any:
+        raise AttributeError(
+            f"trainer.{name} is not available while simulating the learning-rate schedule (no training runs; "
+            "available: global_step, current_epoch, optimizer_steps, optimizers, lr_schedulers, max_steps, "
+            "callback_metrics). Guard that code with `if getattr(self.trainer, 'simulating', False)`."
+        )
+
+
+class _Simulation:
+    def __init__(self, module: Any, config: OptimizationConfig, plateau_metric: Any, steps: int) -> None:
+        self.module = module
+        self.config = config
+        n_opt = len(config.optimizers)
+        self.optimizers = [unwrap_optimizer(o) for o in config.optimizers]
+        self.state = TrainingState()
+        self.state.reset_for(n_opt)
+        self.metrics: dict[str, float] = {}
+        self.trainer = _SimulatedTrainer(self.state, config, steps, self.metrics)
+        self._plateau_metric = plateau_metric
+        warmup: list[int | None] = [None] * n_opt
+        for cfg in config.schedulers:
+            if cfg.warmup_steps:
+                warmup[cfg.opt_idx] = cfg.warmup_steps
+        self.skipped = [
+            f"scheduler {i} ({type(cfg.scheduler).__name__} of optimizer {cfg.opt_idx}, monitor {cfg.monitor!r}): "
+            "no plateau_metric given, so it never reduces the learning rate here"
+            for i, cfg in enumerate(config.schedulers)
+            if cfg.reduce_on_plateau and plateau_metric is None
+        ]
+        runnable = [c for c in config.schedulers if not (c.reduce_on_plateau and plateau_metric is None)]
+        # The trainer's own rules: when a step counts, the warm-up factor, when schedulers step.
+        self.runner = SchedulerRunner(runnable, n_opt, module.lr_scheduler_step, lambda: self.metrics)
+        self._saved_steps = [opt.__dict__.get("step", _ABSENT) for opt in self.optimizers]
+        self._step_lrs: list[list[float] | None] = [None] * n_opt
+        for i, opt in enumerate(self.optimizers):
+            opt.step = self._fake_step(i, opt)
+        # The trainer's warm-up and step counting, as hooks that the fake step calls like a real one.
+        self.tracker = StepTracker(self.optimizers, self.state, warmup)
+        self.frequency_cumsum = list(itertools.accumulate(config.frequencies)) if config.frequencies else None
+        self.names = _lr_names(config)
+
+    def _fake_step(self, i: int, opt: torch.optim.Optimizer) -> Callable:
+        """``optimizer.step`` without the update: the step hooks run, the learning rate is recorded."""
+
+        def step(closure: Any = None) -> None:
+            for hook in list(opt._optimizer_step_pre_hooks.values()):
+                hook(opt, (), {})
+            if self._step_lrs[i] is None:  # the first real step of this call is the one the trainer would time
+                self._step_lrs[i] = [float(g["lr"]) for g in opt.param_groups]
+            opt._opt_called = True  # tells torch schedulers the optimizer stepped (no order warning)
+            for hook in list(opt._optimizer_step_post_hooks.values()):
+                hook(opt, (), {})
+
+        step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+        return step
+
+    def _due(self, global_step: int) -> Any:
+        if self.frequency_cumsum is None:
+            return range(len(self.optimizers))
+        return (bisect.bisect_right(self.frequency_cumsum, global_step % self.frequency_cumsum[-1]),)
+
+    def run(self, result: LRSchedule, steps: int, batches_per_epoch: int | None, accumulate: int) -> None:
+        state, module = self.state, self.module
+        for names in self.names:
+            for name in names:
+                result[name], result.real_steps[name] = [], []
+        result.skipped = list(self.skipped)
+        closure = _no_closure
+        while state.global_step < steps:
+            batch_idx = 0
+            while state.global_step < steps and (batches_per_epoch is None or batch_idx < batches_per_epoch):
+                is_boundary = (batch_idx + 1) % accumulate == 0 or (
+                    batches_per_epoch is not None and batch_idx + 1 >= batches_per_epoch
+                )
+                if is_boundary:
+                    self._boundary(result, batch_idx, closure)
+                    state.global_step += 1
+                batch_idx += 1
+                state.batches_done_in_epoch = batch_idx
+            if batches_per_epoch is None or batch_idx < batches_per_epoch:
+                break  # stopped inside an epoch: its schedulers do not step (as a max_steps pause)
+            finished = state.current_epoch
+            state.current_epoch += 1
+            state.batches_done_in_epoch = 0
+            self._set_plateau_metrics(finished)
+            self.runner.after_epoch(finished + 1)
+            if state.global_step < steps:
+                result.epoch_starts.append(state.global_step)
+
+    def _boundary(self, result: LRSchedule, batch_idx: int, closure: Callable) -> None:
+        state = self.state
+        stepped: dict[int, list[float]] = {}
+        for i in self._due(state.global_step):
+            before = state.optimizer_steps[i]
+            self._step_lrs[i] = None
+            self.module.optimizer_step(state.current_epoch, batch_idx, self.optimizers[i], i, closure)
+            after = state.optimizer_steps[i]
+            if after != before:
+                stepped[i] = self._step_lrs[i] or []
+                self.runner.after_optimizer_steps(i, before, after)
+        for i, names in enumerate(self.names):
+            lrs = stepped.get(i) or self.tracker.effective_lrs(i, self.optimizers[i])
+            for name, lr in zip(names, lrs):
+                result[name].append(float(lr))
+                if i in stepped:
+                    result.real_steps[name].append(state.global_step)
+
+    def _set_plateau_metrics(self, epoch: int) -> None:
+        metric = self._plateau_metric
+        if metric is None:
+            return
+        for cfg in self.config.schedulers:
+            if cfg.reduce_on_plateau:
+                fn = metric.get(cfg.monitor) if isinstance(metric, Mapping) else metric
+                if fn is None:
+                    continue  # SchedulerRunner then reports the missing monitor as the trainer would
+                self.metrics[cfg.monitor] = float(fn(epoch))
+
+    def close(self) -> None:
+        self.tracker.remove()
+        for opt, saved in zip(self.optimizers, self._saved_steps):
+            if saved is _ABSENT:
+                opt.__dict__.pop("step", None)
+            else:
+                opt.step = saved
+
+
+_ABSENT = object()
+
+
+def _no_closure() -> torch.Tensor:
+    # The real closure re-runs training_step; a simulation has no loss to compute.
+    return torch.zeros(())
+
+
+def _lr_names(config: OptimizationConfig) -> list[list[str]]:
+    """Per optimizer, the LearningRateMonitor key of each param group."""
+    from .callbacks.lr_monitor import LearningRateMonitor
+
+    bases = LearningRateMonitor()._names(SimpleNamespace(lr_schedulers=config.schedulers, optimizers=config.optimizers))
+    out = []
+    for base, opt in zip(bases, config.optimizers):
+        groups = unwrap_optimizer(opt).param_groups
+        out.append([base if g == 0 else f"{base}/pg{g + 1}" for g in range(len(groups))])
+    return out
+
+
+def _detached_copy(module: Any) -> Any:
+    """A deep copy of ``module`` without its trainer (whose accelerator need not be copied)."""
+    trainer = getattr(module, "trainer", None)
+    try:
+        module.trainer = None
+        return copy.deepcopy(module)
+    except Exception as err:
+        warnings.warn(
+            f"simulate_lr_schedule could not deep-copy {type(module).__name__} ({err}); simulating on the module "
+            "itself (its parameters are never changed; pass copy_module=False to skip the copy attempt).",
+            UserWarning,
+            stacklevel=3,
+        )
+        return module
+    finally:
+        module.trainer = trainer
+
+
+def _validate(steps: Any, batches_per_epoch: Any, accumulate: Any, plateau_metric: Any) -> None:
+    def positive_int(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+    if not positive_int(steps):
+        raise ConfigurationError(f"simulate_lr_schedule(steps={steps!r}): expected a positive int number of global steps.")
+    if batches_per_epoch is not None and not positive_int(batches_per_epoch):
+        raise ConfigurationError(
+            f"simulate_lr_schedule(batches_per_epoch={batches_per_epoch!r}): expected a positive int or None "
+            "(one endless epoch)."
+        )
+    if not positive_int(accumulate):
+        raise ConfigurationError(
+            f"simulate_lr_schedule(gradient_accumulation_steps={accumulate!r}): expected a positive int."
+        )
+    if plateau_metric is not None and not callable(plateau_metric) and not isinstance(plateau_metric, Mapping):
+        raise ConfigurationError(
+            f"simulate_lr_schedule(plateau_metric={plateau_metric!r}): expected None, a function epoch -> value, "
+            "or a dict {monitor name: function}."
+        )
