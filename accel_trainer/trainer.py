@@ -47,6 +47,7 @@ from .errors import ConfigurationError, TrainingError
 from .loggers import build_trackers, normalise_log_with
 from .metrics import MetricCollector
 from .module import TrainingModule
+from .preemption import PREEMPTION_EXIT_CODE, Preempted, PreemptionWatcher
 from .progress import make_progress
 from .optim import OptimizationConfig, SchedulerConfig, parse_configure_optimizers, requires_closure
 from .scheduling import SchedulerRunner, StepTracker
@@ -357,6 +358,7 @@ class Trainer:
                 self._restore(ckpt_path)
             self._start_trackers(module)
 
+            self._preemption.install()
             self._hooks("on_fit_start")
             if self.num_sanity_val_steps and self._val_loaders:
                 self._sanity_check()
@@ -366,10 +368,13 @@ class Trainer:
             self.training = False
             self._hooks("on_train_end")
             self._hooks("on_fit_end")
+        except Preempted:
+            raise
         except BaseException as exc:
             self._hooks.callbacks_only("on_exception", exc)
             raise
         finally:
+            self._preemption.uninstall()
             self.training = False
             self._teardown("fit", datamodule)
 
@@ -426,6 +431,8 @@ class Trainer:
             if is_boundary:
                 state.global_step += 1
                 self._after_boundary(progress)
+                if self._preemption_due():
+                    self._preempt(progress)
             self._hooks("on_train_batch_end", outputs, batch, batch_idx)
             if progress is not None:
                 progress.update(1)
@@ -483,6 +490,30 @@ class Trainer:
             return
         yield first
         yield from iterator
+
+    def _preemption_due(self) -> bool:
+        """True once every rank knows a preemption signal arrived (on any rank)."""
+        if self.accelerator.num_processes == 1:
+            return self._preemption.requested
+        if not (self._automatic and self._optimizers):
+            # no per-step collective to ride on: agree at logging boundaries
+            if self.state.global_step % self.log_every_n_steps == 0:
+                self._preempt_agreed = self._any_rank(self._preemption.requested)
+        return self._preempt_agreed
+
+    def _preempt(self, progress: Any) -> None:
+        if progress is not None:
+            progress.close()
+        path = os.path.join(self.checkpoint_dir, ckpt_io.LAST_NAME)
+        self.save_checkpoint(path)
+        if self.is_global_zero:
+            print(
+                f"accel_trainer: {self._preemption.signal_name or 'preemption signal'} received; checkpoint written to "
+                f"{path} at global_step {self.global_step}. Exiting with code {PREEMPTION_EXIT_CODE}; run the same "
+                "command with ckpt_path='last' to resume.",
+                flush=True,
+            )
+        raise Preempted(path)
 
     def _should_stop_now(self, is_boundary: bool) -> bool:
         """``should_stop`` agreed by all ranks; on several ranks checked at logging boundaries only."""
@@ -587,8 +618,10 @@ class Trainer:
         nonfinite = not bool(torch.isfinite(loss))
         if self.accelerator.num_processes > 1:
             # Every rank must take the same branch, or DDP waits forever for the skipping rank.
-            flag = torch.tensor([float(nonfinite)], device=self.accelerator.device)
-            nonfinite = bool(self.accelerator.reduce(flag, "sum").item() > 0)
+            # The preemption flag rides along in the same collective.
+            flags = torch.tensor([float(nonfinite), float(self._preemption.requested)], device=self.accelerator.device)
+            nonfinite_any, preempt_any = (self.accelerator.reduce(flags, "sum") > 0).tolist()
+            nonfinite, self._preempt_agreed = nonfinite_any, self._preempt_agreed or preempt_any
         if nonfinite:
             if self._nonfinite_is_fatal():
                 raise TrainingError(
@@ -779,6 +812,8 @@ class Trainer:
         self._last_output = None
         self._last_loss = None
         self._resume: dict[str, Any] | None = None
+        self._preemption = PreemptionWatcher()
+        self._preempt_agreed = False
         self._epoch_start: dict[str, Any] | None = None
         self.nonfinite_skips = 0
         if datamodule is not None:
