@@ -126,6 +126,11 @@ def _sampler_generator(loader: Any) -> torch.Generator | None:
     return getattr(loader, "synchronized_generator", None)
 
 
+def _global_batch_size(loader: Any) -> int | None:
+    """Samples per step over all ranks (what a position in the epoch is measured in)."""
+    return getattr(loader, "total_batch_size", None) or getattr(loader, "batch_size", None)
+
+
 def capture_epoch_start(loader: Any) -> dict[str, Any]:
     """RNG and sampler state just before an epoch draws its shuffling order."""
     generator = _sampler_generator(loader)
@@ -166,6 +171,7 @@ def build_checkpoint(trainer: Any) -> dict[str, Any]:
         # the next batch; without them a resumed run would take a different step.
         "grads": {name: p.grad for name, p in module.named_parameters() if p.grad is not None},
         "world_size": trainer.world_size,
+        "global_batch_size": _global_batch_size(loader),
         "rank_states": per_rank_states,
         "callbacks": {cb.state_key: plain(cb.state_dict()) for cb in trainer.callbacks},
         "callback_metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
@@ -196,9 +202,11 @@ def restore_checkpoint(trainer: Any, path: str) -> dict[str, Any] | None:
         scaler.load_state_dict(checkpoint["scaler"])
     trainer.state.load_state_dict(checkpoint["loops"])
     saved_world = int(checkpoint.get("world_size", 1))
-    if saved_world != trainer.world_size and trainer.state.batches_done_in_epoch:
-        # The position is counted in per-rank batches: convert through the global batch count.
-        trainer.state.batches_done_in_epoch = trainer.state.batches_done_in_epoch * saved_world // trainer.world_size
+    loader = getattr(trainer, "_train_loader", None)
+    saved_batch, batch = checkpoint.get("global_batch_size"), _global_batch_size(loader)
+    if trainer.state.batches_done_in_epoch and saved_batch and batch and saved_batch != batch:
+        # The position is counted in batches: carry it over as samples seen this epoch.
+        trainer.state.batches_done_in_epoch = trainer.state.batches_done_in_epoch * saved_batch // batch
     for cb in trainer.callbacks:
         if cb.state_key in checkpoint["callbacks"]:
             cb.load_state_dict(checkpoint["callbacks"][cb.state_key])
@@ -206,7 +214,6 @@ def restore_checkpoint(trainer: Any, path: str) -> dict[str, Any] | None:
         trainer.callback_metrics.setdefault(name, torch.tensor(value))
     rank_states = checkpoint["rank_states"]
     mine = rank_states[trainer.accelerator.process_index] if saved_world == trainer.world_size else rank_states[0]
-    loader = getattr(trainer, "_train_loader", None)
     if trainer.state.batches_done_in_epoch == 0:
         restore_epoch_start(loader, mine["epoch_start"])  # the next epoch starts exactly as it would have
     restore_rng_state(mine["rng"])

@@ -26,7 +26,7 @@ What the command does, in order (every process of a launch does the same):
 1. Parse and type-check the config against the signatures of the named classes. A bad
    config (unknown key, wrong type, class not found) prints one error naming the key, the
    value received and what is allowed, and exits with status 2 (no traceback).
-2. Seed (``trainer.seed``), build the Trainer, the DataModule and the module.
+2. Build the Trainer (which applies ``trainer.seed``), then the DataModule and the module.
 3. ``optimizer`` / ``lr_scheduler``: give the module instance a ``configure_optimizers``
    (bound at run time with ``types.MethodType``) that builds them on ``self.parameters()``;
    this replaces the class's own ``configure_optimizers``, if any, with a warning.
@@ -49,7 +49,7 @@ import re
 import sys
 import types
 import warnings
-from typing import Any, Callable, Literal, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence
 
 import torch
 
@@ -92,15 +92,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
-        parser, parsers = build_parser()
-        cfg = _parse(parser, parsers, argv)
-        command = cfg.subcommand
+        command, parser, cfg = parse(argv)
         if command in RUN_COMMANDS:
-            run(command, parsers[command], cfg[command])
+            run(command, parser, cfg)
         elif command == "plot":
-            _plot(cfg[command])
+            _plot(cfg)
         else:
-            _lr_schedule(parsers[command], cfg[command])
+            _lr_schedule(parser, cfg)
     except (CLIError, ConfigurationError, CheckpointError) as err:
         command = argv[0] if argv and argv[0] in (*RUN_COMMANDS, "plot", "lr-schedule") else ""
         print(f"{PROG} {command}: error: {err}".replace("  error", " error"), file=sys.stderr, flush=True)
@@ -182,19 +180,27 @@ def _plot_parser(description: str) -> Any:
     return parser
 
 
-def _parse(parser: Any, parsers: dict[str, Any], argv: list[str]) -> Any:
+def parse(argv: Sequence[str]) -> tuple[str, Any, Any]:
+    """Parse and check ``argv``; returns ``(subcommand, its parser, its config namespace)``.
+
+    Raises:
+        CLIError: a bad config or command line, with a message naming the key, the value
+            received and what is allowed.
+    """
     from jsonargparse import ArgumentError
 
+    root, parsers = build_parser()
+    argv = list(argv)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # jsonargparse's deprecation notices are not for our users
         try:
-            cfg = parser.parse_args(argv)
+            cfg = root.parse_args(argv)
         except ArgumentError as err:
             raise CLIError(explain_parse_error(str(err), parsers, argv)) from None
     command = cfg.subcommand
-    if command in parsers and command != "plot":
+    if command != "plot":
         _check_lr_scheduler(cfg[command])
-    return cfg
+    return command, parsers[command], cfg[command]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,6 +231,8 @@ def run(command: str, parser: Any, cfg: Any) -> Any:
             ckpt_path = "last"
             _say(trainer, f"Resuming from {last} (pass --resume false, or a new --trainer.default_root_dir, to start over).")
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        metrics = ", ".join(f"{k}={float(v):.4g}" for k, v in sorted(trainer.callback_metrics.items()) if _is_scalar(v))
+        _say(trainer, f"fit done on {trainer.world_size} process(es): epoch {trainer.current_epoch}, global_step {trainer.global_step}; {metrics}; run dir {root}")
     else:
         _load_weights(trainer, module, cfg.ckpt_path)
         results = getattr(trainer, command)(module, datamodule=datamodule)
@@ -237,12 +245,9 @@ def run(command: str, parser: Any, cfg: Any) -> Any:
 def build(cfg: Any) -> tuple[Trainer, DataModule | None, TrainingModule]:
     """The Trainer, DataModule (or None) and module a parsed config names, in that order.
 
-    The seed is applied first, so the module's initial weights follow ``trainer.seed``.
+    The Trainer comes first because it applies ``trainer.seed``: the module's initial
+    weights then follow the seed.
     """
-    if cfg.trainer.seed is not None:
-        from accelerate.utils import set_seed
-
-        set_seed(cfg.trainer.seed)
     trainer_kwargs = _instantiate_kwargs(cfg.trainer, "trainer")
     trainer = _construct(Trainer, trainer_kwargs, "trainer")
     datamodule = _instantiate_spec(cfg.data, "data") if cfg.data is not None else None
@@ -265,11 +270,12 @@ def attach_optimizers(module: TrainingModule, optimizer: Any, lr_scheduler: dict
         lr_scheduler: ``{"class_path": ..., "init_args": {...}, "interval": ..., ...}`` or None;
             the keys other than class_path/init_args become the scheduler dict of CONTRACT.md.
     """
-    opt_cls = _import_class(_get(optimizer, "class_path"), "optimizer.class_path")
+    opt_cls = _import_class(_qualify(_get(optimizer, "class_path"), "torch.optim"), "optimizer.class_path")
     opt_args = _as_dict(_get(optimizer, "init_args"))
     sched_cls = sched_args = sched_keys = None
     if lr_scheduler is not None:
-        sched_cls = _import_class(lr_scheduler["class_path"], "lr_scheduler.class_path")
+        sched_path = _qualify(lr_scheduler["class_path"], "torch.optim.lr_scheduler")
+        sched_cls = _import_class(sched_path, "lr_scheduler.class_path")
         sched_args = _as_dict(lr_scheduler.get("init_args"))
         sched_keys = {k: v for k, v in lr_scheduler.items() if k not in ("class_path", "init_args") and v is not None}
     if type(module).configure_optimizers is not TrainingModule.configure_optimizers:
@@ -401,11 +407,12 @@ def _construct(cls: type, kwargs: dict[str, Any], key: str) -> Any:
         return cls(**kwargs)
     except (ConfigurationError, ValueError) as err:
         # the class's own validation of its arguments: a config error like any other
-        raise CLIError(f"{key}: {cls.__name__}(...) rejected its arguments: {err}") from None
+        raise CLIError(f"{key}: {err}") from None
 
 
 def _is_spec(value: Any) -> bool:
-    return _get(value, "class_path") is not None if hasattr(value, "get") or hasattr(value, "class_path") else False
+    """A ``{class_path: ..., init_args: ...}`` mapping or namespace."""
+    return (isinstance(value, dict) or hasattr(value, "class_path")) and _get(value, "class_path") is not None
 
 
 def _get(obj: Any, key: str) -> Any:
@@ -425,12 +432,33 @@ def _as_dict(obj: Any) -> dict[str, Any]:
 
 
 def _import_class(class_path: str, key: str) -> type:
-    from jsonargparse._util import import_object  # the resolver jsonargparse itself uses
-
     try:
-        return import_object(class_path)
+        return _import_object(class_path)
     except Exception as err:  # ImportError, AttributeError, ValueError: all "no such class"
         raise CLIError(f"{key}: cannot import {class_path!r} ({err}).") from None
+
+
+def _qualify(class_path: str, default_module: str) -> str:
+    """A bare class name (``StepLR``) is looked up in ``default_module``."""
+    return class_path if "." in class_path else f"{default_module}.{class_path}"
+
+
+def _import_object(path: str) -> Any:
+    """``package.module.Name`` (or ``package.module.Outer.Inner``) -> the object."""
+    import importlib
+
+    parts = path.split(".")
+    for split in range(len(parts) - 1, 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:split]))
+        except ModuleNotFoundError as err:
+            if split == 1 or not (err.name and ".".join(parts[:split]).startswith(err.name)):
+                raise
+            continue
+        for name in parts[split:]:
+            obj = getattr(obj, name)
+        return obj
+    raise ImportError(f"{path!r} is not a dotted import path (package.module.Name)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -457,15 +485,16 @@ def _check_lr_scheduler(cfg: Any) -> None:
             "needs an optimizer from the config. Add optimizer: {class_path: torch.optim.Adam, init_args: {lr: ...}}, "
             "or build the scheduler in the module's configure_optimizers."
         )
-    path = section.class_path
-    if "." not in path:
-        path = f"torch.optim.lr_scheduler.{path}"
-    cls = _import_class(path, "lr_scheduler.class_path")
+    path = _qualify(section.class_path, "torch.optim.lr_scheduler")
+    cls = _try_import(path)
     bases = (torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
     if not (isinstance(cls, type) and issubclass(cls, bases)):
+        reason = "cannot be imported" if cls is None else "not a learning-rate scheduler"
+        close = difflib.get_close_matches(path.rpartition(".")[2], _classes_in("torch.optim.lr_scheduler", bases[0]), n=1)
         raise CLIError(
-            f"lr_scheduler.class_path={section.class_path!r} is not allowed: expected a subclass of "
-            "torch.optim.lr_scheduler.LRScheduler or ReduceLROnPlateau, e.g. torch.optim.lr_scheduler.StepLR."
+            f"lr_scheduler.class_path: received {section.class_path!r} ({reason}); allowed: the import path (or, for "
+            "torch's, the name) of a subclass of torch.optim.lr_scheduler.LRScheduler, e.g. StepLR, "
+            f"torch.optim.lr_scheduler.CosineAnnealingLR.{' Did you mean ' + close[0] + '?' if close else ''}"
         )
     section.class_path = f"{cls.__module__}.{cls.__qualname__}"
     if section.frequency < 1:
@@ -479,8 +508,7 @@ def _check_lr_scheduler(cfg: Any) -> None:
             warnings.simplefilter("ignore")
             parsed = checker.parse_object({"lr_scheduler": {"init_args": dict(section.init_args or {})}})
     except ArgumentError as err:
-        allowed = _signature_names(cls, skip={"optimizer"})
-        raise CLIError(_explain_group_error(str(err), "lr_scheduler.init_args", allowed, cls.__name__)) from None
+        raise CLIError(_explain_group_error(str(err), "lr_scheduler.init_args", cls)) from None
     section.init_args = {k: v for k, v in vars(parsed.lr_scheduler.init_args).items()}
 
 
@@ -495,17 +523,238 @@ def _scheduler_spec(section: Any) -> dict | None:
 # ---------------------------------------------------------------------------------------------
 
 
+# The classes a class_path of each key must subclass (for "allowed" in messages).
+_BASES = {
+    "module": "accel_trainer.TrainingModule",
+    "data": "accel_trainer.DataModule",
+    "optimizer": "torch.optim.Optimizer",
+    "trainer.callbacks": "accel_trainer.Callback",
+}
+
+
 def explain_parse_error(message: str, parsers: dict[str, Any], argv: list[str]) -> str:
-    """Turn a jsonargparse error into: the key, the value received, what is allowed.
+    """Turn a jsonargparse error into one line: the key, the value received, what is allowed.
 
-    jsonargparse's own message is kept (indented) below the summary: it carries the detail
-    of nested class arguments.
+    Falls back to jsonargparse's own message when it has an unfamiliar shape.
     """
-    return message
+    command = next((a for a in argv if a in parsers), None)
+    parser = parsers.get(command)
+    try:
+        summary = _summarise(message, parser) if parser is not None else None
+    except Exception:  # a message shape we do not know: jsonargparse's own words are still right
+        summary = None
+    if summary is None:
+        return message.strip()
+    return f"{summary}\n(`{PROG} {command} --help` lists every key; `--module.help CLASS` the arguments of a class.)"
 
 
-def _explain_group_error(message: str, key: str, allowed: list[str], owner: str) -> str:
-    return message
+def _summarise(message: str, parser: Any) -> str | None:
+    unknown = re.search(r"does not accept option '([^']+)'", message) or re.search(
+        r"nrecognized arguments: (\S+)(?: (\S+))?", message
+    )
+    if unknown:
+        key = unknown.group(1).lstrip("-")
+        value = unknown.group(2) if unknown.lastindex and unknown.lastindex >= 2 else None
+        if "=" in key:
+            key, value = key.split("=", 1)
+        return _unknown_key(key, value, _parser_keys(parser, key.rpartition(".")[0]), key.rpartition(".")[0])
+    head = re.match(r'\s*Parser key "([^"]+)":\s*(.*)', message, re.S)
+    if not head:
+        return None
+    key, body = head.group(1), head.group(2)
+    given = _given_value(body)
+    if key == "config":
+        return f"--config: {body.strip()}"
+    problem = re.search(r"Problem with given class_path '([^']+)':\s*(.*?)\n\s*- Expected a <class 'NoneType'>", body, re.S)
+    if problem:
+        class_path, inner = problem.group(1), problem.group(2).strip()
+        cls = _try_import(class_path)
+        bad_option = re.search(r"(?:Option|Key) '([^']+)' is not (?:accepted|expected)", inner)
+        nested = re.search(r'Parser key "([^"]+)":\s*(.*)', inner, re.S)
+        if cls is not None and bad_option:
+            name = bad_option.group(1)
+            value = _init_arg_value(given, name)
+            allowed = _signature_names(cls, skip=_skipped(key))
+            return _unknown_key(f"{key}.init_args.{name}", value, allowed, f"{key}.init_args ({cls.__name__})")
+        if cls is not None and nested:
+            name = nested.group(1)
+            got = re.search(r"Got value: (.*)", nested.group(2))
+            value = got.group(1).strip() if got else _init_arg_value(given, name)
+            return (
+                f"{key}.init_args.{name}: received {_show(value)}; allowed: {_param_type(cls, name)} "
+                f"(the type of {name} in {cls.__name__})."
+            )
+        return _bad_class(key, class_path, inner.splitlines()[0].strip() if inner else "")
+    if re.search(r"Expected a path but|dot import path|does not correspond to a subclass|Not a valid subclass|"
+                 r"not a valid class_path|No module named|has no attribute", body):
+        class_path = given.get("class_path") if isinstance(given, dict) else given
+        reason = re.search(r"(does not correspond to a subclass of \w+|No module named [^\n]+|has no attribute [^\n]+)", body)
+        return _bad_class(key, class_path, reason.group(1) if reason else "")
+    got = re.search(r"Got value: (.*)", body)
+    value = got.group(1).strip() if got and given is None else given
+    return f"{key}: received {_show(value)}; allowed: {_action_type(parser, key)}."
+
+
+def _unknown_key(key: str, value: Any, allowed: list[str], where: str) -> str:
+    leaf = key.rpartition(".")[2]
+    received = f" (received {key}={_show(value)})" if value is not None else ""
+    close = difflib.get_close_matches(leaf, allowed, n=1)
+    hint = f" Did you mean {key.rpartition('.')[0] + '.' if '.' in key else ''}{close[0]}?" if close else ""
+    scope = f"under {where}" if where else "at the top level"
+    return f"{key}: unknown key{received}. Allowed {scope}: {', '.join(allowed) or '(none)'}.{hint}"
+
+
+def _bad_class(key: str, class_path: Any, reason: str) -> str:
+    base = _BASES.get(key, "the expected base class")
+    suggestion = ""
+    if isinstance(class_path, str) and "." in class_path:
+        candidates = _classes_in(class_path.rpartition(".")[0], _try_import(base) if base in _BASES.values() else None)
+        close = difflib.get_close_matches(class_path.rpartition(".")[2], candidates, n=1)
+        if close:
+            suggestion = f" Did you mean {class_path.rpartition('.')[0]}.{close[0]}?"
+    reason = f" ({reason.rstrip('.')})" if reason else ""
+    return (
+        f"{key}.class_path: received {_show(class_path)}{reason}; allowed: the import path of a subclass of "
+        f"{base}, e.g. {_EXAMPLES.get(key, 'package.module.ClassName')}.{suggestion}"
+    )
+
+
+_EXAMPLES = {
+    "module": "accel_trainer.examples.digits.DigitsClassifier",
+    "data": "accel_trainer.examples.digits.DigitsDataModule",
+    "optimizer": "torch.optim.Adam",
+    "trainer.callbacks": "accel_trainer.callbacks.EarlyStopping",
+}
+
+
+def _skipped(key: str) -> set[str]:
+    return {"params"} if key == "optimizer" else set()
+
+
+def _given_value(body: str) -> Any:
+    import ast
+
+    found = re.findall(r"Given value: (.*)", body)
+    if not found:
+        return None
+    text = found[-1].strip()
+    nested = re.match(r"NestedArg\(key='[^']*', val=(.*)\)$", text)
+    if nested:
+        text = nested.group(1)
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _init_arg_value(given: Any, name: str) -> Any:
+    if isinstance(given, dict):
+        return (given.get("init_args") or {}).get(name, given.get(name))
+    return given
+
+
+def _show(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _parser_keys(parser: Any, prefix: str) -> list[str]:
+    """The keys a parser accepts directly under ``prefix`` ("" for the top level)."""
+    keys: list[str] = []
+    for action in parser._actions:
+        dest = getattr(action, "dest", "")
+        if not dest or dest in ("help", "print_config") or dest.endswith(".help"):
+            continue
+        if prefix:
+            if not dest.startswith(prefix + "."):
+                continue
+            dest = dest[len(prefix) + 1 :]
+        name = dest.split(".")[0]
+        if name not in keys:
+            keys.append(name)
+    return keys
+
+
+def _action_type(parser: Any, key: str) -> str:
+    for action in parser._actions:
+        if getattr(action, "dest", None) == key:
+            hint = getattr(action, "_typehint", None)
+            if hint is not None:
+                return _describe_type(hint)
+            if action.choices:
+                return "one of " + ", ".join(map(repr, action.choices))
+    return "see --help"
+
+
+def _param_type(cls: type, name: str) -> str:
+    import typing
+
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:
+        hints = {}
+    if name in hints:
+        return _describe_type(hints[name])
+    try:
+        annotation = inspect.signature(cls).parameters[name].annotation
+    except (KeyError, TypeError, ValueError):
+        return "see --help"
+    return "any value" if annotation is inspect.Parameter.empty else _describe_type(annotation)
+
+
+def _describe_type(hint: Any) -> str:
+    """``int | None``, ``one of 'epoch', 'step'``, ``float``: a type as a user reads it."""
+    import typing
+
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(map(repr, args))
+    if origin is typing.Union or type(hint).__name__ == "UnionType":
+        return " | ".join(_describe_type(a) for a in args)
+    if hint is type(None):
+        return "None"
+    if hint is Any:
+        return "any value"
+    if origin is not None:
+        return str(hint).replace("typing.", "")
+    return getattr(hint, "__name__", str(hint))
+
+
+def _try_import(class_path: str) -> Any:
+    try:
+        return _import_object(class_path)
+    except Exception:
+        return None
+
+
+def _classes_in(module_path: str, base: Any) -> list[str]:
+    import importlib
+
+    try:
+        module = importlib.import_module(module_path)
+    except Exception:
+        return []
+    return [
+        name for name, obj in vars(module).items()
+        if isinstance(obj, type) and (base is None or (isinstance(base, type) and issubclass(obj, base)))
+    ]
+
+
+def _explain_group_error(message: str, key: str, cls: type) -> str:
+    """A jsonargparse error from checking ``init_args`` of ``cls`` (the lr_scheduler) as one line."""
+    bad_option = re.search(
+        r"(?:Option|Key) '([^']+)' is not (?:accepted|expected)|does not accept (?:option|nested key) '([^']+)'", message
+    )
+    if bad_option:
+        name = (bad_option.group(1) or bad_option.group(2)).rpartition(".")[2]
+        return _unknown_key(f"{key}.{name}", None, _signature_names(cls, skip={"optimizer"}), f"{key} ({cls.__name__})")
+    nested = re.search(r'Parser key "([^"]+)":\s*(.*)', message, re.S)
+    if nested:
+        name = nested.group(1).rpartition(".")[2]
+        got = re.search(r"Got value: (.*)", nested.group(2)) or re.search(r"Given value: (.*)", nested.group(2))
+        value = got.group(1).strip() if got else "?"
+        return f"{key}.{name}: received {value!r}; allowed: {_param_type(cls, name)} (the type of {name} in {cls.__name__})."
+    return f"{key}: {message.strip()}"
 
 
 def _signature_names(cls: type, skip: set[str] = frozenset()) -> list[str]:
@@ -546,6 +795,10 @@ def _atomic_write(path: str, text: str) -> None:
 def _say(trainer: Trainer, message: str) -> None:
     if trainer.is_global_zero:
         print(f"[{PROG}] {message}", file=sys.stderr, flush=True)
+
+
+def _is_scalar(value: Any) -> bool:
+    return isinstance(value, (int, float)) or (isinstance(value, torch.Tensor) and value.numel() == 1)
 
 
 def _first_paragraph(doc: str | None) -> str:

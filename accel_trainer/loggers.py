@@ -177,7 +177,10 @@ class WandbTracker(WandBTracker):
                     "W&B sweep sets %s=%r but the module's hyperparameter is %r: the swept value did not reach "
                     "the module. Pass sweep parameters to the program as command-line overrides "
                     "(e.g. --module.init_args.%s=...), which is what `wandb agent` does with ${args}.",
-                    key, swept, ours[key], key.rsplit(".", 1)[-1],
+                    key,
+                    swept,
+                    ours[key],
+                    key.rsplit(".", 1)[-1],
                 )
         # Swept keys are locked by the sweep: skip them rather than have W&B warn and ignore them.
         config.update({k: v for k, v in values.items() if k not in locked}, allow_val_change=True)
@@ -189,7 +192,9 @@ class WandbTracker(WandBTracker):
     def log_image(self, key: str, image: Any, step: int | None = None, caption: str | None = None) -> None:
         import wandb
 
-        media = wandb.Image(os.fspath(image) if isinstance(image, (str, os.PathLike)) else _to_uint8(image), caption=caption)
+        media = wandb.Image(
+            os.fspath(image) if isinstance(image, (str, os.PathLike)) else _to_uint8(image), caption=caption
+        )
         self.run.log({key: media}, step=step)
 
     def finish(self) -> None:
@@ -437,4 +442,3 @@ def _same_value(a: Any, b: Any) -> bool:
         return a == b or (isinstance(a, (int, float)) and isinstance(b, (int, float)) and float(a) == float(b))
     except Exception:
         return False
-

@@ -104,17 +104,20 @@ def simulate_lr_schedule(
             "decides when optimizers and schedulers step, which cannot be replayed without training. "
             "Log the learning rates with LearningRateMonitor instead."
         )
-    config = parse_configure_optimizers(sim_module.configure_optimizers())
     result = LRSchedule()
-    if not config.optimizers:
-        return result
+    trainer = _SimulatedTrainer(TrainingState(), max_steps=steps)
     previous_trainer = getattr(sim_module, "trainer", None)
-    sim = _Simulation(sim_module, config, plateau_metric, steps)
+    sim_module.trainer = trainer  # attached before configure_optimizers, as in fit
     try:
-        sim_module.trainer = sim.trainer
-        sim.run(result, steps, batches_per_epoch, gradient_accumulation_steps)
+        config = parse_configure_optimizers(sim_module.configure_optimizers())
+        if not config.optimizers:
+            return result
+        sim = _Simulation(sim_module, config, plateau_metric, trainer)
+        try:
+            sim.run(result, steps, batches_per_epoch, gradient_accumulation_steps)
+        finally:
+            sim.close()
     finally:
-        sim.close()
         sim_module.trainer = previous_trainer
     return result
 
@@ -129,7 +132,9 @@ def plot_lr_schedule(schedule: Mapping[str, list[float]], path: str | os.PathLik
     from .plotting import _pyplot
 
     if not schedule:
-        raise ValueError("The schedule is empty: configure_optimizers returned no optimizer, so there is nothing to plot.")
+        raise ValueError(
+            "The schedule is empty: configure_optimizers returned no optimizer, so there is nothing to plot."
+        )
     plt = _pyplot()
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -141,14 +146,20 @@ def plot_lr_schedule(schedule: Mapping[str, list[float]], path: str | os.PathLik
     for k, (ax, name) in enumerate(zip(axes[:, 0], names)):
         lrs = schedule[name]
         color = colors[k % len(colors)]
-        ax.plot(range(len(lrs)), lrs, drawstyle="steps-post", color=color, linewidth=1.5, label=f"{name} (learning rate)")
+        ax.plot(
+            range(len(lrs)), lrs, drawstyle="steps-post", color=color, linewidth=1.5, label=f"{name} (learning rate)"
+        )
         real = real_steps.get(name, [])
-        if real:
-            shown = real if len(real) <= 400 else real[:: max(1, len(real) // 400)]
-            ax.plot(shown, [lrs[s] for s in shown], linestyle="none", marker="o", markersize=2.5, color="black",
-                    label=f"real steps ({len(real)} of {len(lrs)})")
+        label = f"real steps ({len(real)} of {len(lrs)})"
+        if real and len(real) <= 150:
+            ax.plot(real, [lrs[s] for s in real], linestyle="none", marker="o", markersize=2.5, color="black", label=label)
+        elif real:  # many steps: a rug along the bottom, so the dots do not hide the curve
+            ax.plot(real, [0.0] * len(real), linestyle="none", marker="|", markersize=7, markeredgewidth=0.6,
+                    color="black", alpha=0.6, transform=ax.get_xaxis_transform(), clip_on=False, label=label)
         for i, start in enumerate(epoch_starts if len(epoch_starts) <= 60 else []):
-            ax.axvline(start, color="0.75", linewidth=0.8, linestyle=":", zorder=0, label="epoch start" if i == 0 else None)
+            ax.axvline(
+                start, color="0.75", linewidth=0.8, linestyle=":", zorder=0, label="epoch start" if i == 0 else None
+            )
         positive = [v for v in lrs if v > 0]
         if len(positive) == len(lrs) and max(positive) / min(positive) > 50:
             ax.set_yscale("log")  # decays over orders of magnitude stay readable
@@ -175,13 +186,13 @@ class _SimulatedTrainer:
     world_size = 1
     should_stop = False
 
-    def __init__(self, state: TrainingState, config: OptimizationConfig, max_steps: int, metrics: dict) -> None:
+    def __init__(self, state: TrainingState, max_steps: int) -> None:
         self.state = state
-        self.optimizers = list(config.optimizers)
-        self.lr_schedulers = list(config.schedulers)
+        self.optimizers: list = []
+        self.lr_schedulers: list = []
         self.max_steps = max_steps
         self.max_epochs = None
-        self.callback_metrics = metrics
+        self.callback_metrics: dict[str, float] = {}
         self.logged_metrics: dict = {}
         self.progress_bar_metrics: dict = {}
 
@@ -206,15 +217,17 @@ class _SimulatedTrainer:
 
 
 class _Simulation:
-    def __init__(self, module: Any, config: OptimizationConfig, plateau_metric: Any, steps: int) -> None:
+    def __init__(
+        self, module: Any, config: OptimizationConfig, plateau_metric: Any, trainer: _SimulatedTrainer
+    ) -> None:
         self.module = module
         self.config = config
         n_opt = len(config.optimizers)
         self.optimizers = [unwrap_optimizer(o) for o in config.optimizers]
-        self.state = TrainingState()
+        self.state = trainer.state
         self.state.reset_for(n_opt)
-        self.metrics: dict[str, float] = {}
-        self.trainer = _SimulatedTrainer(self.state, config, steps, self.metrics)
+        trainer.optimizers, trainer.lr_schedulers = list(config.optimizers), list(config.schedulers)
+        self.metrics = trainer.callback_metrics
         self._plateau_metric = plateau_metric
         warmup: list[int | None] = [None] * n_opt
         for cfg in config.schedulers:
@@ -259,7 +272,7 @@ class _Simulation:
         return (bisect.bisect_right(self.frequency_cumsum, global_step % self.frequency_cumsum[-1]),)
 
     def run(self, result: LRSchedule, steps: int, batches_per_epoch: int | None, accumulate: int) -> None:
-        state, module = self.state, self.module
+        state = self.state
         for names in self.names:
             for name in names:
                 result[name], result.real_steps[name] = [], []
@@ -367,7 +380,9 @@ def _validate(steps: Any, batches_per_epoch: Any, accumulate: Any, plateau_metri
         return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
     if not positive_int(steps):
-        raise ConfigurationError(f"simulate_lr_schedule(steps={steps!r}): expected a positive int number of global steps.")
+        raise ConfigurationError(
+            f"simulate_lr_schedule(steps={steps!r}): expected a positive int number of global steps."
+        )
     if batches_per_epoch is not None and not positive_int(batches_per_epoch):
         raise ConfigurationError(
             f"simulate_lr_schedule(batches_per_epoch={batches_per_epoch!r}): expected a positive int or None "

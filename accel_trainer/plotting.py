@@ -211,7 +211,9 @@ def _plot_lrs(plt: Any, series: dict, names: list[str], epoch_starts: list, titl
     for name in names:
         steps, values = zip(*series[name])
         values_all.extend(values)
-        ax.plot(steps, values, drawstyle="steps-post", marker="." if len(steps) <= 60 else None, linewidth=1.6, label=name)
+        ax.plot(
+            steps, values, drawstyle="steps-post", marker="." if len(steps) <= 60 else None, linewidth=1.6, label=name
+        )
     _draw_epochs(ax, epoch_starts)
     positive = [v for v in values_all if v > 0]
     if positive and len(positive) == len(values_all) and max(positive) / min(positive) > 50:

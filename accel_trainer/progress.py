@@ -21,13 +21,14 @@ PROGRESS_ENV = "ACCEL_TRAINER_PROGRESS"
 PROGRESS_MODES = ("bar", "lines", "off")
 
 
-def make_progress(total: Any, epoch: int, enabled: bool) -> Any:
+def make_progress(total: Any, epoch: int, enabled: bool, initial: int = 0) -> Any:
     """The progress display for one training epoch, or ``None`` when disabled.
 
     Args:
         total: the number of batches in the epoch (``None`` or ``math.inf`` when unknown).
         epoch: the epoch being trained (shown as is, 0-based like ``trainer.current_epoch``).
         enabled: False on non-main ranks and with ``Trainer(enable_progress_bar=False)``.
+        initial: batches already done in this epoch (a run resumed mid-epoch).
 
     Returns:
         An object with ``update(n)``, ``set_postfix(dict, refresh=False)`` and ``close()``
@@ -40,10 +41,12 @@ def make_progress(total: Any, epoch: int, enabled: bool) -> Any:
         return None
     total = None if total is None or total == math.inf else int(total)
     if mode == "lines":
-        return LineProgress(total, epoch)
+        return LineProgress(total, epoch, initial=initial)
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=f"epoch {epoch}", unit="it", leave=True, dynamic_ncols=True, file=sys.stderr)
+    return tqdm(
+        total=total, initial=initial, desc=f"epoch {epoch}", unit="it", leave=True, dynamic_ncols=True, file=sys.stderr
+    )
 
 
 def _mode() -> str:
@@ -76,6 +79,7 @@ class LineProgress:
         interval_s: the longest silence between two lines.
         min_interval_s: the shortest gap between two intermediate lines.
         clock: a ``time.monotonic``-like function (tests pass a fake one).
+        initial: batches already done in this epoch (a run resumed mid-epoch).
     """
 
     def __init__(
@@ -86,18 +90,19 @@ class LineProgress:
         interval_s: float = 30.0,
         min_interval_s: float = 2.0,
         clock: Any = time.monotonic,
+        initial: int = 0,
     ) -> None:
         self.total = total
         self.epoch = epoch
-        self.n = 0
+        self.n = self._initial = initial
         self.postfix: dict[str, Any] = {}
         self._file = file
         self._interval = interval_s
         self._min_interval = min_interval_s
         self._clock = clock
         self._start = self._last_time = clock()
-        self._last_n = 0
-        self._next_tenth = 1
+        self._last_n = initial
+        self._next_tenth = initial * 10 // total + 1 if total else 1
         self._closed = False
 
     def update(self, n: int = 1) -> None:
@@ -122,7 +127,7 @@ class LineProgress:
         if self._closed:
             return
         self._closed = True
-        if self.n:
+        if self.n > self._initial:
             self._emit(self._clock(), final=True)
 
     def format_line(self, now: float, final: bool) -> str:
@@ -132,7 +137,7 @@ class LineProgress:
             parts.append(f"{key} {_fmt(key, value)}")
         if final:
             elapsed = now - self._start
-            rate = self.n / elapsed if elapsed > 0 else math.inf
+            rate = (self.n - self._initial) / elapsed if elapsed > 0 else math.inf
         else:
             elapsed = now - self._last_time
             rate = (self.n - self._last_n) / elapsed if elapsed > 0 else math.inf

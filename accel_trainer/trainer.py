@@ -44,7 +44,7 @@ from . import checkpoint as ckpt_io
 from . import data as data_utils
 from .callbacks.base import Callback
 from .errors import ConfigurationError, TrainingError
-from .loggers import build_trackers, normalise_log_with
+from .loggers import build_trackers, log_hyperparams, normalise_log_with
 from .metrics import MetricCollector
 from .module import TrainingModule
 from .preemption import PREEMPTION_EXIT_CODE, Preempted, PreemptionWatcher
@@ -245,6 +245,8 @@ class Trainer:
         self._logged: dict[str, float] = {}
         self.sanity_checking = False
         self.training = False
+        #: the resolved configuration of a command-line run, logged with the hyperparameters
+        self.run_config: dict[str, Any] | None = None
 
     # -- facts ----------------------------------------------------------------------------------
     @property
@@ -412,7 +414,7 @@ class Trainer:
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
         iterator = self._epoch_iterator(loader, skip)
-        progress = self._progress(n_batches, epoch)
+        progress = self._progress(n_batches, epoch, skip)
         stopped_by_steps = False
         batch_idx = skip - 1
         for batch_idx in itertools.count(skip):
@@ -510,7 +512,7 @@ class Trainer:
             print(
                 f"accel_trainer: {self._preemption.signal_name or 'preemption signal'} received; checkpoint written to "
                 f"{path} at global_step {self.global_step}. Exiting with code {PREEMPTION_EXIT_CODE}; run the same "
-                "command with ckpt_path='last' to resume.",
+                "command again (ckpt_path='last') to resume.",
                 flush=True,
             )
         raise Preempted(path)
@@ -980,6 +982,8 @@ class Trainer:
         if self._trackers or not self.accelerator.is_main_process:
             return
         self._trackers = build_trackers(self._log_with, self.project_name, self.log_dir, dict(module.hparams))
+        if self.run_config:  # the resolved YAML config when started from the command line
+            log_hyperparams(self._trackers, self.run_config)
 
     def _log_to_trackers(self, values: dict[str, float], step: int) -> None:
         self._logged.update(values)
@@ -996,8 +1000,8 @@ class Trainer:
 
         return gather_object(list(items))
 
-    def _progress(self, total: Any, epoch: int) -> Any:
-        return make_progress(total, epoch, self.enable_progress_bar and self.accelerator.is_main_process)
+    def _progress(self, total: Any, epoch: int, initial: int = 0) -> Any:
+        return make_progress(total, epoch, self.enable_progress_bar and self.accelerator.is_main_process, initial=initial)
 
     def _progress_postfix(self) -> dict[str, str]:
         postfix = {}
@@ -1005,6 +1009,10 @@ class Trainer:
             postfix["loss"] = f"{float(self._last_loss):.4g}"
         for name, value in self._metrics.progress_bar_metrics.items():
             postfix[name] = f"{float(value):.4g}"
+        tracker = getattr(self, "_step_tracker", None)
+        if tracker is not None and self._optimizers:
+            # the learning rate of each optimizer's next real step (warm-up included), first param group
+            postfix["lr"] = "/".join(f"{tracker.effective_lrs(i, opt)[0]:.1e}" for i, opt in enumerate(self._optimizers))
         return postfix
 
     # -- rank sync ------------------------------------------------------------------------------

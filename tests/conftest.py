@@ -3,6 +3,12 @@
 import warnings
 
 import pytest
+import torch
+
+# The distributed tests fork ranks from this process. A fork after torch has spun up its
+# OpenMP thread pool can deadlock the children's first parallel kernel, so the whole test
+# session runs torch single-threaded (tiny models lose nothing by it).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

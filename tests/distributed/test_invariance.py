@@ -5,7 +5,7 @@ process, before forking; it reaches the ranks as a file (``debug_launcher`` pass
 """
 
 import pytest
-from accelerate import debug_launcher
+from .launcher import run_on_ranks
 from accelerate.state import AcceleratorState, GradientState
 
 from . import invariance_checks
@@ -23,9 +23,9 @@ def test_same_as_one_process(check, tmp_path):
     _reset_accelerate_state()
     invariance_checks.write_references(ref_path, [invariance_checks.CHECKS_WITH_REFERENCE[check]])
     _reset_accelerate_state()
-    debug_launcher(getattr(invariance_checks, check), args=(ref_path,), num_processes=2)
+    run_on_ranks(getattr(invariance_checks, check), args=(ref_path,))
 
 
 @pytest.mark.parametrize("check", invariance_checks.CHECKS_WITHOUT_REFERENCE)
 def test_two_ranks_agree(check):
-    debug_launcher(getattr(invariance_checks, check), num_processes=2)
+    run_on_ranks(getattr(invariance_checks, check))
