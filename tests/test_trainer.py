@@ -892,3 +892,22 @@ def test_empty_dataloader_is_a_configuration_error(trainer_kwargs):
     with pytest.raises(ConfigurationError):
         Trainer(max_epochs=1, **trainer_kwargs).fit(model, loader(16, 8), DataLoader(TensorDataset(torch.zeros(0, 4), torch.zeros(0, 1))))
     assert model.n == 0
+
+
+def test_lbfgs_under_fp16_is_refused_before_training(trainer_kwargs):
+    """The fp16 scaler would re-run an LBFGS closure on scaled gradients: refuse it up front."""
+    from accel_trainer.errors import ConfigurationError
+
+    class LBFGSRegressor(Regressor):
+        def configure_optimizers(self):
+            return torch.optim.LBFGS(self.parameters(), lr=0.1)
+
+        def training_step(self, batch, batch_idx):
+            self.calls = getattr(self, "calls", 0) + 1
+            return super().training_step(batch, batch_idx)
+
+    module = LBFGSRegressor()
+    trainer = Trainer(max_epochs=1, mixed_precision="fp16", **trainer_kwargs)
+    with pytest.raises(ConfigurationError, match="LBFGS.*fp16|fp16.*LBFGS|closure"):
+        trainer.fit(module, loader())
+    assert getattr(module, "calls", 0) == 0
