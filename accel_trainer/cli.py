@@ -53,7 +53,7 @@ from typing import Any, Literal, Optional, Sequence
 
 import torch
 
-from .data import DataModule
+from .data import DataModule, loader_length
 from .errors import CheckpointError, ConfigurationError
 from .module import TrainingModule
 from .trainer import Trainer
@@ -353,9 +353,9 @@ def _lr_schedule(parser: Any, cfg: Any) -> None:
     if cfg.data is not None:
         datamodule = _instantiate_spec(cfg.data, "data")
         datamodule.setup("fit")
-        batches = _len_or_none(datamodule.train_dataloader())
+        batches = loader_length(datamodule.train_dataloader())
     elif callable(getattr(module, "train_dataloader", None)):
-        batches = _len_or_none(module.train_dataloader())
+        batches = loader_length(module.train_dataloader())
     limit = cfg.trainer.limit_train_batches
     if batches is not None and limit is not None:
         batches = min(batches, limit) if isinstance(limit, int) else max(1, int(batches * limit))
@@ -366,13 +366,6 @@ def _lr_schedule(parser: Any, cfg: Any) -> None:
     out = cfg.out or os.path.join(os.fspath(cfg.trainer.default_root_dir), "lr_schedule.png")
     title = f"{type(module).__name__}: simulated learning rates ({cfg.steps} steps, {batches or 'endless'} batches/epoch)"
     print(plot_lr_schedule(schedule, out, title=title))
-
-
-def _len_or_none(loader: Any) -> int | None:
-    try:
-        return len(loader)
-    except TypeError:
-        return None
 
 
 # ---------------------------------------------------------------------------------------------
