@@ -458,26 +458,12 @@ def _run_monitoring(batch_size: int) -> dict:
     }
 
 
-def _run_seed_intervals(batch_size: int) -> dict:
+def _run_seed_module(module_class: type, batch_size: int) -> dict:
+    """Train one of the seed's optimizer_step overrides, recording the LR of every step."""
     rec = RecordLRs()
     with tempfile.TemporaryDirectory() as root:
         trainer = _trainer(root, max_epochs=2, callbacks=[rec])
-        module = SeedIntervals()
-        trainer.fit(module, train_loader(batch_size))
-    return {
-        "per_step": rec.per_step,
-        "global_step": trainer.global_step,
-        "optimizer_steps": list(trainer.optimizer_steps),
-        "_trainer": trainer,
-        "_module": module,
-    }
-
-
-def _run_seed_warmup(batch_size: int) -> dict:
-    rec = RecordLRs()
-    with tempfile.TemporaryDirectory() as root:
-        trainer = _trainer(root, max_epochs=2, callbacks=[rec])
-        module = SeedWarmup()
+        module = module_class()
         trainer.fit(module, train_loader(batch_size))
     return {
         "per_step": rec.per_step,
@@ -492,8 +478,8 @@ REFERENCES: dict[str, Callable[[], dict]] = {
     "epoch_schedules": lambda: _run_epoch_schedules(2 * B),
     "step_schedules": lambda: _run_step_schedules(2 * B),
     "monitoring": lambda: _run_monitoring(2 * B),
-    "seed_intervals": lambda: _run_seed_intervals(2 * B),
-    "seed_warmup": lambda: _run_seed_warmup(2 * B),
+    "seed_intervals": lambda: _run_seed_module(SeedIntervals, 2 * B),
+    "seed_warmup": lambda: _run_seed_module(SeedWarmup, 2 * B),
 }
 
 
@@ -632,7 +618,7 @@ def check_metric_object() -> None:
 def check_seed_step_intervals(ref_path: str | None = None) -> None:
     """Generator every 2 batches, discriminator every 4 (the seed's override)."""
     with _watchdog():
-        result = _run_seed_intervals(B)
+        result = _run_seed_module(SeedIntervals, B)
         trainer = result["_trainer"]
         _assert_two_ranks(trainer)
         mine = _public(result)
@@ -651,7 +637,7 @@ def check_seed_step_intervals(ref_path: str | None = None) -> None:
 def check_seed_warmup(ref_path: str | None = None) -> None:
     """The seed's warm-up override (LR set from global_step inside optimizer_step)."""
     with _watchdog():
-        result = _run_seed_warmup(B)
+        result = _run_seed_module(SeedWarmup, B)
         trainer = result["_trainer"]
         _assert_two_ranks(trainer)
         mine = _public(result)
