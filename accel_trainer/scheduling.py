@@ -53,6 +53,13 @@ class StepTracker:
         self._handles = []
         for i, opt in enumerate(optimizers):
             raw = unwrap_optimizer(opt)
+            if not hasattr(raw, "_optimizer_step_post_hooks"):
+                # DeepSpeed's optimizer wrapper: torch's step hooks are not set up on it, and its
+                # step() is a no-op marking the step the engine already took inside backward.
+                # Count that call unless the engine skipped the step (fp16 overflow). Warm-up
+                # needs the pre-hook at the real step: engines.py refuses it under DeepSpeed.
+                self._handles.append(_CountingStep(raw, self._make_post_hook(i)))
+                continue
             self._handles.append(raw.register_step_pre_hook(self._make_pre_hook(i)))
             self._handles.append(raw.register_step_post_hook(self._make_post_hook(i)))
 
@@ -87,6 +94,26 @@ class StepTracker:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+
+
+class _CountingStep:
+    """Calls ``post_hook`` after each ``optimizer.step()`` the optimizer did not skip; ``remove()`` undoes it."""
+
+    def __init__(self, optimizer: Any, post_hook: Callable) -> None:
+        self._optimizer = optimizer
+        original = optimizer.step
+
+        def step(*args: Any, **kwargs: Any) -> Any:
+            result = original(*args, **kwargs)
+            if not getattr(optimizer, "step_was_skipped", False):
+                post_hook(optimizer, args, kwargs)
+            return result
+
+        self._step = optimizer.step = step
+
+    def remove(self) -> None:
+        if vars(self._optimizer).get("step") is self._step:
+            del self._optimizer.step
 
 
 def _scale(lr: Any, factor: float) -> Any:
