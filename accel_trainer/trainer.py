@@ -45,11 +45,12 @@ import torch
 from . import checkpoint as ckpt_io
 from . import data as data_utils
 from .callbacks.base import Callback
+from .engines import check_engine_support, engine_name, plan_wrappers
 from .errors import ConfigurationError, TrainingError
 from .loggers import build_trackers, log_hyperparams, normalise_log_with
 from .metrics import MetricCollector
 from .module import TrainingModule
-from .preemption import PREEMPTION_EXIT_CODE, Preempted, PreemptionWatcher
+from .preemption import PREEMPTION_EXIT_CODE, Preempted, PreemptionPoll, PreemptionWatcher
 from .progress import make_progress
 from .optim import OptimizationConfig, SchedulerConfig, parse_configure_optimizers, requires_closure
 from .scheduling import SchedulerRunner, StepTracker
@@ -253,7 +254,8 @@ class Trainer:
         ConfigurationError: for any argument outside its allowed values (checked here, before
             anything runs); at the start of ``fit`` for a bad ``configure_optimizers`` output,
             LBFGS with gradient accumulation or fp16, manual optimization with gradient
-            accumulation or clipping, an empty dataloader.
+            accumulation or clipping, an empty dataloader, and what the launched FSDP or
+            DeepSpeed engine cannot run (:func:`accel_trainer.engines.check_engine_support`).
 
     Example:
         >>> trainer = Trainer(max_epochs=3, cpu=True, default_root_dir="runs/demo")
@@ -431,7 +433,8 @@ class Trainer:
 
             config = self._configure_optimizers(module)
             self._validate_against_module(module, config)
-            self._setup_optimization(module, config)
+            self._check_engine(module, config)
+            self._setup_optimization(module, config, train_loaders[0])
             self._train_loader = self._prepare_loader(train_loaders[0], even_batches=True)
             self._val_loaders = [self._prepare_loader(dl, even_batches=False) for dl in val_loaders]
             self.state.reset_for(len(self._optimizers))
@@ -583,10 +586,9 @@ class Trainer:
         """True once every rank knows a preemption signal arrived (on any rank)."""
         if self.accelerator.num_processes == 1:
             return self._preemption.requested
-        if not (self._automatic and self._optimizers):
-            # no per-step collective to ride on: agree at logging boundaries
-            if self.state.global_step % self.log_every_n_steps == 0:
-                self._preempt_agreed = self._any_rank(self._preemption.requested)
+        step = self.state.global_step
+        if not self._preempt_agreed and self._preemption_poll.due(step):
+            self._preempt_agreed = self._preemption_poll.exchange(step, self._preemption.requested, self.accelerator.device)
         return self._preempt_agreed
 
     def _preempt(self, progress: Any) -> None:
@@ -713,17 +715,15 @@ class Trainer:
             nonfinite = not math.isfinite(loss.item())
         else:
             nonfinite = not bool(torch.isfinite(loss))
-        if self.accelerator.num_processes > 1:
-            # Every rank must take the same branch, or DDP waits forever for the skipping rank.
-            # The preemption flag rides along in the same collective.
-            flags = torch.tensor([float(nonfinite), float(self._preemption.requested)], device=self.accelerator.device)
-            nonfinite_any, preempt_any = (self.accelerator.reduce(flags, "sum") > 0).tolist()
-            nonfinite, self._preempt_agreed = nonfinite_any, self._preempt_agreed or preempt_any
+        if self._agree_on_nonfinite:
+            # Skipping: every rank must take the same branch, or DDP waits forever for the
+            # skipping rank. (Raising needs no agreement: the raising rank's exit ends the job.)
+            nonfinite = self._any_rank(nonfinite)
         if nonfinite:
             if self._nonfinite_is_fatal():
                 raise TrainingError(
                     f"training_step returned a non-finite loss ({loss.item()} on rank "
-                    f"{self.accelerator.process_index}; a non-finite loss on any rank stops all ranks) at epoch {self.state.current_epoch}, "
+                    f"{self.accelerator.process_index}; on several processes this rank's exit ends the job) at epoch {self.state.current_epoch}, "
                     f"batch_idx {batch_idx}, optimizer {opt_idx}. Pass Trainer(on_nonfinite_loss='skip') to skip such "
                     "steps instead, or lower the learning rate / enable gradient clipping."
                 )
@@ -796,6 +796,10 @@ class Trainer:
         params = self._optimizer_params[opt_idx]
         distributed = str(accelerator.distributed_type)
         if "FSDP" in distributed or "DEEPSPEED" in distributed or "XLA" in distributed:
+            if "FSDP" in distributed and len(self._optimizers) == 1:
+                # Accelerate computes the norm over all shards only when handed exactly the wrapped
+                # model's parameters (in their order); any other list gets this rank's shards only.
+                params = list(self._wrapped.parameters())
             if self.gradient_clip_algorithm == "norm":
                 accelerator.clip_grad_norm_(params, self.gradient_clip_val)
             else:
@@ -914,6 +918,8 @@ class Trainer:
         self._resume: dict[str, Any] | None = None
         self._preemption = PreemptionWatcher()
         self._preempt_agreed = False
+        self._preemption_poll = PreemptionPoll()
+        self._agree_on_nonfinite = self.accelerator.num_processes > 1 and not self._nonfinite_is_fatal()
         self._epoch_start: dict[str, Any] | None = None
         self.nonfinite_skips = 0
         if datamodule is not None:
@@ -975,12 +981,32 @@ class Trainer:
                     "Optimizer 'frequency' has no meaning under manual optimization: you decide which optimizer steps."
                 )
 
-    def _setup_optimization(self, module: TrainingModule, config: OptimizationConfig) -> None:
+    def _check_engine(self, module: TrainingModule, config: OptimizationConfig) -> None:
+        """Refuse what the launched engine (FSDP, DeepSpeed) cannot run, before anything is prepared."""
+        accelerator = self.accelerator
+        check_engine_support(
+            accelerator.distributed_type,
+            optimizer_names=[type(o).__name__ for o in config.optimizers],
+            needs_closure=[i for i, o in enumerate(config.optimizers) if requires_closure(o)],
+            overrides_optimizer_step=type(module).optimizer_step is not TrainingModule.optimizer_step,
+            automatic_optimization=getattr(module, "automatic_optimization", True),
+            gradient_accumulation_steps=self.gradient_accumulation_steps,
+            gradient_clip_val=self.gradient_clip_val,
+            gradient_clip_algorithm=self.gradient_clip_algorithm,
+            warmup_optimizers=sorted({c.opt_idx for c in config.schedulers if c.warmup_steps}),
+            fsdp_plugin=getattr(accelerator.state, "fsdp_plugin", None),
+            module_name=type(module).__name__,
+        )
+
+    def _setup_optimization(self, module: TrainingModule, config: OptimizationConfig, train_loader: Any = None) -> None:
         accelerator = self.accelerator
         self._automatic = getattr(module, "automatic_optimization", True)
         n_opt = len(config.optimizers)
         dispatchers = self._make_dispatchers(module, config)
-        prepared = accelerator.prepare(*dispatchers, *config.optimizers, *[c.scheduler for c in config.schedulers])
+        if engine_name(accelerator.distributed_type) == "DEEPSPEED":
+            prepared = self._prepare_deepspeed(dispatchers, config, train_loader)
+        else:
+            prepared = accelerator.prepare(*dispatchers, *config.optimizers, *[c.scheduler for c in config.schedulers])
         if not isinstance(prepared, (list, tuple)):
             prepared = [prepared]
         wrappers, prepared = list(prepared[: len(dispatchers)]), list(prepared[len(dispatchers) :])
@@ -1032,26 +1058,18 @@ class Trainer:
     def _make_dispatchers(self, module: TrainingModule, config: OptimizationConfig) -> list[_StepDispatcher]:
         """One dispatcher, or one per optimizer when several optimizers train under DDP.
 
-        Under DDP, the loop's toggling means optimizer i's backward gives gradients only to
-        optimizer i's parameters. One DDP wrapper would then need ``find_unused_parameters``
-        (a graph traversal on every step). Instead each optimizer gets its own DDP wrapper
-        that ignores every parameter it does not own: each backward reduces exactly the
-        gradients it produced. Optimizers that share parameters fall back to one wrapper with
-        ``find_unused_parameters=True``.
+        Which one is :func:`~accel_trainer.engines.plan_wrappers`' decision (its docstring says why).
         """
         accelerator = self.accelerator
-        n_opt = len(config.optimizers)
-        ddp = str(accelerator.distributed_type) in ("DistributedType.MULTI_GPU", "DistributedType.MULTI_CPU", "MULTI_GPU", "MULTI_CPU")
-        if n_opt < 2 or not self._automatic or accelerator.num_processes == 1 or not ddp:
-            return [_StepDispatcher(module)]
         owners = [{id(p) for g in opt.param_groups for p in g["params"]} for opt in config.optimizers]
-        shared = any(owners[i] & owners[j] for i in range(n_opt) for j in range(i + 1, n_opt))
-        if shared:
+        plan = plan_wrappers(accelerator.distributed_type, accelerator.num_processes, self._automatic, owners)
+        if plan.find_unused_parameters:
             from accelerate.utils import DistributedDataParallelKwargs
 
             handler = accelerator.ddp_handler or DistributedDataParallelKwargs()
             handler.find_unused_parameters = True
             accelerator.ddp_handler = handler
+        if not plan.per_optimizer:
             return [_StepDispatcher(module)]
         dispatchers = []
         for own in owners:
@@ -1060,6 +1078,44 @@ class Trainer:
             torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(dispatcher, ignored)
             dispatchers.append(dispatcher)
         return dispatchers
+
+    def _prepare_deepspeed(self, dispatchers: list, config: OptimizationConfig, train_loader: Any) -> list:
+        """Model and optimizer through ``deepspeed.initialize``; the schedulers stay the trainer's.
+
+        In one ``prepare`` call, Accelerate's ``_prepare_deepspeed`` (accelerate/accelerator.py)
+        keeps a single scheduler: every scheduler passed comes back as the last one. A
+        DeepSpeed-native schedule (``WarmupLR``, ``OneCycle`` …) is handed to
+        ``deepspeed.initialize``, whose engine steps it inside every ``engine.step()``, and
+        comes back as a ``DeepSpeedSchedulerWrapper`` whose ``step()`` does nothing: interval,
+        frequency, monitor and plateau rules could not apply. So the model and optimizer are
+        prepared first, then each scheduler through ``prepare_scheduler``, which wraps it in a
+        plain ``AcceleratedScheduler`` that the ``SchedulerRunner`` steps like any other. (A
+        second ``prepare`` call would not do that: with no model in the call,
+        ``_prepare_deepspeed`` hands schedulers back unwrapped.) The scheduler still drives the
+        learning rate: DeepSpeed steps the optimizer it was built on (ZeRO wraps it and steps
+        it; CPU offload builds its optimizer from the same ``param_groups`` dicts).
+
+        The dataloaders are prepared later, so a ``train_micro_batch_size_per_gpu: auto`` in
+        the DeepSpeed config is filled here from the training loader's ``batch_size``, as
+        ``_prepare_deepspeed`` itself does when a loader is in the call (without one it raises).
+        """
+        from torch.optim.lr_scheduler import LRScheduler
+
+        accelerator = self.accelerator
+        plugin = accelerator.deepspeed_plugin
+        batch_size = getattr(train_loader, "batch_size", None)
+        if plugin is not None and batch_size and plugin.is_auto("train_micro_batch_size_per_gpu"):
+            if accelerator.split_batches:
+                batch_size //= accelerator.num_processes
+            plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = batch_size
+        prepared = accelerator.prepare(*dispatchers, *config.optimizers)
+        prepared = list(prepared) if isinstance(prepared, (list, tuple)) else [prepared]
+        # Only LRSchedulers are wrapped, as in a plain prepare call; other schedulers pass as given.
+        schedulers = [
+            accelerator.prepare_scheduler(c.scheduler) if isinstance(c.scheduler, LRScheduler) else c.scheduler
+            for c in config.schedulers
+        ]
+        return prepared + schedulers
 
     def _prepare_model_only(self, module: TrainingModule) -> None:
         module.to(self.accelerator.device)

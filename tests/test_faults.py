@@ -123,3 +123,17 @@ def test_max_steps_stop_mid_epoch_then_resume_with_more_steps(tmp_path):
     trainer = Trainer(cpu=True, enable_progress_bar=False, default_root_dir=str(tmp_path), seed=7, max_steps=15)
     trainer.fit(Everything(), *_loaders(), ckpt_path="last")
     assert trainer.global_step == 15 and trainer.current_epoch == 1
+
+
+def test_preemption_poll_interval_follows_the_measured_step_time():
+    from accel_trainer.preemption import PreemptionPoll
+
+    poll = PreemptionPoll(period_s=0.5, max_interval=1000)
+    assert poll.due(0) and poll.due(7)  # before any poll: poll at once
+    assert poll.proposal(3, now=10.0) == 1  # nothing measured yet: poll again next step
+    poll._last = (10, 100.0)
+    assert poll.proposal(20, now=101.0) == 5  # 0.1 s per step: every 5 steps
+    assert poll.proposal(20, now=100.001) == 1000  # 0.1 ms per step: capped
+    assert poll.proposal(11, now=130.0) == 1  # a 30 s step: every step
+    poll.next_step = 25
+    assert not poll.due(24) and poll.due(25)

@@ -8,8 +8,10 @@ Run directly with the real launcher:
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import tempfile
+import time
 
 import torch
 from torch.utils.data import DataLoader
@@ -18,7 +20,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from test_resume import Everything, _data, _loaders, _run, _snapshot  # noqa: E402
 
-from accel_trainer import Trainer  # noqa: E402
+from accel_trainer import Callback, Trainer  # noqa: E402
 
 
 def _shared_dir(trainer: Trainer, path: str | None) -> str:
@@ -45,6 +47,43 @@ def check_two_rank_resume_is_exact(root: str | None = None) -> None:
     assert resumed["lrs"] == reference["lrs"]
     for name, value in reference["params"].items():
         assert torch.equal(value, resumed["params"][name]), f"{name} differs after a 2-rank resume"
+
+
+class _SignalOnRank1(Callback):
+    """Rank 1 alone receives SIGTERM after global step 5; every step takes >= 0.2 s."""
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        time.sleep(0.2)  # the ranks poll for signals about every 0.5 s of training
+        if trainer.global_step == 5 and trainer.accelerator.process_index == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def check_signal_on_one_rank_stops_every_rank_at_the_same_step(root: str | None = None) -> None:
+    from accelerate.utils import gather_object
+
+    from accel_trainer.preemption import Preempted
+
+    reference_trainer, reference_module = _run(os.path.join(root or tempfile.mkdtemp(), "full"), max_epochs=3)
+    root = _shared_dir(reference_trainer, root)
+    reference = _snapshot(reference_trainer, reference_module)
+    split = os.path.join(root, "split")
+    trainer = Trainer(cpu=True, enable_progress_bar=False, default_root_dir=split, seed=7, max_epochs=3,
+                      callbacks=[_SignalOnRank1()])
+    try:
+        trainer.fit(Everything(), *_loaders())
+        raise AssertionError("fit returned normally although rank 1 got SIGTERM")
+    except Preempted as stop:
+        assert stop.code == 75
+    stopped = gather_object([trainer.global_step])
+    assert stopped[0] == stopped[1], f"ranks stopped at different steps: {stopped}"
+    assert 5 <= stopped[0] <= 8, stopped  # noticed within about 0.5 s (2-3 steps of 0.2 s)
+    assert os.path.exists(os.path.join(split, "checkpoints", "last.ckpt"))
+    resumed_trainer, resumed_module = _run(split, ckpt_path="last", max_epochs=3)
+    resumed = _snapshot(resumed_trainer, resumed_module)
+    assert resumed["global_step"] == reference["global_step"] == 15
+    assert resumed["lrs"] == reference["lrs"]
+    for name, value in reference["params"].items():
+        assert torch.equal(value, resumed["params"][name]), f"{name} differs after a preempted 2-rank run resumed"
 
 
 def unshuffled(batch_size: int):
