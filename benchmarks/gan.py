@@ -65,14 +65,14 @@ def due(optimizer_idx: int, batch_idx: int) -> bool:
     return (optimizer_idx == 0 and batch_idx % 2 == 0) or (optimizer_idx == 1 and batch_idx % 4 == 0)
 
 
-def run_accelerate(data, epochs: int):
+def run_accelerate(data, epochs: int, **accelerator_kwargs):
     from accelerate import Accelerator
     import accelerate.optimizer as accelerate_optimizer
 
     cached = accelerate_optimizer.is_lomo_available  # time Accelerate's own uncached check
     accelerate_optimizer.is_lomo_available = getattr(cached, "__wrapped__", cached)
     try:
-        accelerator = Accelerator(cpu=True)
+        accelerator = Accelerator(cpu=True, **accelerator_kwargs)
         gen, disc = make_nets()
         adam, sgd, step_lr, lambda_lr = make_optim(gen, disc)
         loader = torch.utils.data.DataLoader(data, batch_size=BATCH, shuffle=False)
