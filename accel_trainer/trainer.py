@@ -203,6 +203,11 @@ class _Closure:
     The forward/backward of this batch already ran before ``optimizer_step``, so the first
     call returns that loss without recomputing; later calls (LBFGS re-evaluations) zero the
     gradients and run ``training_step`` and backward again.
+
+    On several processes the loss handed back is the mean over ranks: LBFGS decides from the
+    loss value (line search, ``tolerance_change``), and its gradients are already the DDP
+    mean, so a rank-local loss would let ranks pick different step sizes or a different
+    number of re-evaluations -- diverged parameters, or a collective that never matches.
     """
 
     __slots__ = ("_trainer", "_batch", "_batch_idx", "_opt_idx", "_loss")
@@ -211,16 +216,18 @@ class _Closure:
         self._trainer, self._batch, self._batch_idx, self._opt_idx, self._loss = trainer, batch, batch_idx, opt_idx, loss
 
     def __call__(self) -> torch.Tensor:
+        trainer = self._trainer
         if self._loss is not None:
             loss, self._loss = self._loss, None
-            return loss
-        trainer = self._trainer
-        with torch.enable_grad():
-            trainer._optimizers[self._opt_idx].zero_grad()
-            loss = trainer._forward_backward(self._batch, self._batch_idx, self._opt_idx)
-            if loss is None:
-                raise TrainingError("training_step returned None inside an optimizer closure; a closure needs a loss.")
-            trainer._clip_gradients(self._opt_idx)
+        else:
+            with torch.enable_grad():
+                trainer._optimizers[self._opt_idx].zero_grad()
+                loss = trainer._forward_backward(self._batch, self._batch_idx, self._opt_idx)
+                if loss is None:
+                    raise TrainingError("training_step returned None inside an optimizer closure; a closure needs a loss.")
+                trainer._clip_gradients(self._opt_idx)
+        if trainer.accelerator.num_processes > 1:
+            loss = trainer.accelerator.reduce(loss.detach().clone(), "mean")
         return loss
 
 

@@ -54,6 +54,39 @@ def check_two_optimizers() -> None:
         assert trainer.optimizer_steps == [8, 8]
 
 
+def check_lbfgs_ranks_agree_and_match_one_process_on_the_global_batch() -> None:
+    """LBFGS (strong-Wolfe line search) on 2 ranks == one process on the 2x batch."""
+    features, batch, lr = 4, 8, 0.5
+
+    def lbfgs(params):
+        return torch.optim.LBFGS(params, lr=lr, max_iter=6, line_search_fn="strong_wolfe", tolerance_change=1e-4)
+
+    class LBFGSRegressor(Regressor):
+        def configure_optimizers(self):
+            return lbfgs(self.parameters())
+
+    with tempfile.TemporaryDirectory() as root:
+        trainer = Trainer(max_epochs=2, cpu=True, enable_progress_bar=False, default_root_dir=root)
+        module = LBFGSRegressor()
+        trainer.fit(module, loader(64, batch_size=batch))
+        _assert_identical_on_all_ranks(trainer, module)
+        assert trainer.optimizer_steps == [8]
+    # the same optimization by hand in this process: rank r got batches r, r+2, ... so step k
+    # saw batches 2k and 2k+1 of the unsharded loader, i.e. one batch of 2x the size
+    reference = Regressor().net
+    optimizer = lbfgs(reference.parameters())
+    for _ in range(2):
+        for x, y in loader(64, batch_size=2 * batch):
+            def closure():
+                optimizer.zero_grad()
+                loss = torch.nn.functional.mse_loss(reference(x), y)
+                loss.backward()
+                return loss
+            optimizer.step(closure)
+    for mine, expected in zip(module.net.parameters(), reference.parameters()):
+        assert torch.allclose(mine, expected, atol=1e-5), f"2-rank LBFGS {mine} vs one process {expected}"
+
+
 def main() -> None:
     check_one_optimizer()
     check_two_optimizers()

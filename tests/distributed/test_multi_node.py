@@ -94,3 +94,51 @@ def test_two_nodes_equal_one_node_and_resume(tmp_path):
     for m, r in zip(multi, resumed):
         for key in ("global_step", "optimizer_steps", "lrs", "params"):
             assert m[key] == r[key], key
+
+
+MORE_FEATURES = textwrap.dedent(
+    """
+    import hashlib, json, sys, tempfile
+    import torch
+    from helpers import Regressor, loader
+    from test_resume import Everything
+    from accel_trainer import Trainer
+
+    root, out = sys.argv[1], sys.argv[2]
+
+    class LBFGSRegressor(Regressor):
+        def configure_optimizers(self):
+            return torch.optim.LBFGS(self.parameters(), lr=0.5, max_iter=5, line_search_fn="strong_wolfe")
+
+    runs = {
+        "accumulation_bf16": (Everything(), dict(gradient_accumulation_steps=2, mixed_precision="bf16"), True),
+        "lbfgs": (LBFGSRegressor(), {}, False),
+    }
+    result = {}
+    for name, (module, kwargs, with_val) in runs.items():
+        trainer = Trainer(max_epochs=2, enable_progress_bar=False, default_root_dir=f"{root}/{name}", seed=3, **kwargs)
+        trainer.fit(module, loader(64, batch_size=4, shuffle=True), loader(33, batch_size=5) if with_val else None)
+        digest = hashlib.sha256(b"".join(p.detach().float().numpy().tobytes() for p in module.parameters())).hexdigest()
+        result[name] = {"world_size": trainer.world_size, "global_step": trainer.global_step,
+                        "optimizer_steps": trainer.optimizer_steps,
+                        "lrs": [[g["lr"] for g in o.param_groups] for o in trainer.optimizers], "params": digest}
+    with open(f"{out}-{trainer.accelerator.process_index}.json", "w") as f:
+        json.dump(result, f)
+    """
+)
+
+
+def test_two_nodes_equal_one_node_with_accumulation_bf16_and_lbfgs(tmp_path):
+    script = tmp_path / "more.py"
+    script.write_text(MORE_FEATURES)
+    _one_node(script, tmp_path / "single", tmp_path / "single")
+    _two_nodes(script, tmp_path / "multi", tmp_path / "multi")
+    single, multi = _results(tmp_path / "single"), _results(tmp_path / "multi")
+    for name in ("accumulation_bf16", "lbfgs"):
+        assert [r[name]["world_size"] for r in multi] == [2, 2]
+        assert multi[0][name]["params"] == multi[1][name]["params"], name
+        for s, m in zip(single, multi):
+            for key in ("global_step", "optimizer_steps", "lrs", "params"):
+                assert s[name][key] == m[name][key], (name, key)
+    # 64 samples, batch 4 per rank over 2 ranks: 8 batches per rank per epoch, a boundary every 2
+    assert multi[0]["accumulation_bf16"]["global_step"] == 8
