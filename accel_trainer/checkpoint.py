@@ -95,13 +95,22 @@ def load_checkpoint_file(path: str) -> dict[str, Any]:
     return checkpoint
 
 
-def check_compatible(checkpoint: dict[str, Any], module: torch.nn.Module, num_optimizers: int, num_schedulers: int, path: str) -> None:
-    """Name what differs between a checkpoint and the run about to load it."""
+def check_compatible(
+    checkpoint: dict[str, Any], module: torch.nn.Module, num_optimizers: int, num_schedulers: int, path: str,
+    compare_shapes: bool = True,
+) -> None:
+    """Name what differs between a checkpoint and the run about to load it.
+
+    ``compare_shapes=False`` under FSDP, where the module's own tensors are shards (torch's
+    ``set_model_state_dict`` then names any shape mismatch itself).
+    """
     saved = checkpoint["state_dict"]
     current = module.state_dict()
     missing = sorted(set(current) - set(saved))
     unexpected = sorted(set(saved) - set(current))
-    mismatched = sorted(k for k in set(saved) & set(current) if tuple(saved[k].shape) != tuple(current[k].shape))
+    mismatched = sorted(
+        k for k in set(saved) & set(current) if compare_shapes and tuple(saved[k].shape) != tuple(current[k].shape)
+    )
     problems = []
     if missing:
         problems.append(f"parameters missing from the checkpoint: {missing[:10]}")
@@ -161,15 +170,23 @@ def build_checkpoint(trainer: Any) -> dict[str, Any]:
         per_rank_states = gather_object([per_rank])
     else:
         per_rank_states = [per_rank]
+    if _is_fsdp(trainer):
+        from .sharded_state import gather_full_state
+
+        model_state, optimizer_states = gather_full_state(trainer._wrapped, trainer.optimizers)
+        grads: dict[str, Any] = {}  # sharded; carried gradients are not saved under FSDP
+    else:
+        model_state, optimizer_states = module.state_dict(), [opt.state_dict() for opt in trainer.optimizers]
+        grads = {name: p.grad for name, p in module.named_parameters() if p.grad is not None}
     checkpoint: dict[str, Any] = {
         "format": FORMAT,
-        "state_dict": module.state_dict(),
-        "optimizer_states": [opt.state_dict() for opt in trainer.optimizers],
+        "state_dict": model_state,
+        "optimizer_states": optimizer_states,
         "lr_schedulers": [cfg.scheduler.state_dict() for cfg in trainer.lr_schedulers],
         "loops": state.state_dict(),
         # Gradients an optimizer_step override left un-zeroed (it skipped a step) carry into
         # the next batch; without them a resumed run would take a different step.
-        "grads": {name: p.grad for name, p in module.named_parameters() if p.grad is not None},
+        "grads": grads,
         "world_size": trainer.world_size,
         "global_batch_size": _global_batch_size(loader),
         "rank_states": per_rank_states,
@@ -184,8 +201,19 @@ def build_checkpoint(trainer: Any) -> dict[str, Any]:
     return checkpoint
 
 
+def _is_fsdp(trainer: Any) -> bool:
+    return str(trainer.accelerator.distributed_type).split(".")[-1] == "FSDP"
+
+
 def restore_checkpoint(trainer: Any, path: str) -> dict[str, Any] | None:
     """Load ``path`` into ``trainer``; returns what a mid-epoch resume still needs (else None)."""
+    if _is_fsdp(trainer):
+        raise CheckpointError(
+            f"Resuming from {path!r} under FSDP is not supported yet: the checkpoint holds the full (gathered) "
+            "weights and optimizer state, but putting them back into shards has not been verified to continue "
+            "exactly. Resume this run under DDP (launch/multi_gpu.yaml), or start a new FSDP run from the weights: "
+            "module.load_state_dict(accel_trainer.checkpoint.load_checkpoint_file(path)['state_dict'])."
+        )
     checkpoint = load_checkpoint_file(path)
     module = trainer.module
     check_compatible(checkpoint, module, len(trainer.optimizers), len(trainer.lr_schedulers), path)

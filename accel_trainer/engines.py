@@ -236,6 +236,12 @@ def _check_deepspeed(
             f"gives the same learning rates as 'warmup_steps': W; or launch with {_DDP_ALTERNATIVE} or "
             f"{_FSDP_ALTERNATIVE}."
         )
+    raise ConfigurationError(
+        "DeepSpeed is not supported yet: the trainer writes checkpoints/last.ckpt at the end of every epoch from "
+        "the global main process, and under ZeRO the optimizer state (stage 1-2) and the weights (stage 3) are "
+        "partitioned across ranks, so that file would hold one rank's partition. Launch with "
+        f"{_DDP_ALTERNATIVE} or {_FSDP_ALTERNATIVE} (checkpoints hold the full gathered state there)."
+    )
 
 
 def _check_fsdp(

@@ -53,9 +53,13 @@ def test_deepspeed_refuses_an_optimizer_step_override_and_points_to_a_warmup_sch
     assert "LinearLR" in msg and "'interval': 'step'" in msg and "launch/multi_gpu.yaml" in msg
 
 
+UNSUPPORTED = "DeepSpeed is not supported yet"
+
+
 def test_deepspeed_ignores_an_optimizer_step_override_under_manual_optimization():
-    # the trainer never calls optimizer_step under manual optimization
-    check("DEEPSPEED", overrides_optimizer_step=True, automatic_optimization=False)
+    # the trainer never calls optimizer_step under manual optimization: only the checkpoint rule remains
+    with pytest.raises(ConfigurationError, match=UNSUPPORTED):
+        check("DEEPSPEED", overrides_optimizer_step=True, automatic_optimization=False)
 
 
 def test_deepspeed_refuses_an_optimizer_that_needs_a_closure():
@@ -103,12 +107,15 @@ def test_linear_lr_named_in_the_deepspeed_message_reproduces_warmup_steps():
         {"gradient_accumulation_steps": 4},
     ],
 )
-def test_deepspeed_accepts_one_optimizer(kwargs):
-    check("DEEPSPEED", ["AdamW"], **kwargs)
+def test_deepspeed_with_one_optimizer_is_refused_only_for_its_partitioned_checkpoints(kwargs):
+    with pytest.raises(ConfigurationError, match=UNSUPPORTED) as info:
+        check("DEEPSPEED", ["AdamW"], **kwargs)
+    assert "partition" in str(info.value) and "launch/multi_gpu.yaml" in str(info.value)
 
 
-def test_deepspeed_accepts_no_optimizer():
-    check("DEEPSPEED", [])
+def test_deepspeed_with_no_optimizer_is_refused_for_its_checkpoints():
+    with pytest.raises(ConfigurationError, match=UNSUPPORTED):
+        check("DEEPSPEED", [])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -444,3 +451,17 @@ def test_step_tracker_counts_deepspeed_wrapper_steps_unless_the_engine_skipped_t
     assert "step" not in vars(wrapper)
     wrapper.step()
     assert state.optimizer_steps == [2]
+
+
+def test_resuming_under_fsdp_is_refused_with_the_way_out(tmp_path, monkeypatch):
+    import accel_trainer.checkpoint as ckpt_io
+    from accel_trainer.errors import CheckpointError
+
+    from helpers import Regressor, loader
+
+    Trainer(max_epochs=1, cpu=True, enable_progress_bar=False, default_root_dir=str(tmp_path)).fit(Regressor(), loader())
+    monkeypatch.setattr(ckpt_io, "_is_fsdp", lambda trainer: True)
+    trainer = Trainer(max_epochs=2, cpu=True, enable_progress_bar=False, default_root_dir=str(tmp_path))
+    with pytest.raises(CheckpointError, match="under FSDP is not supported yet") as info:
+        trainer.fit(Regressor(), loader(), ckpt_path="last")
+    assert "launch/multi_gpu.yaml" in str(info.value) and "load_state_dict" in str(info.value)
