@@ -95,22 +95,13 @@ def load_checkpoint_file(path: str) -> dict[str, Any]:
     return checkpoint
 
 
-def check_compatible(
-    checkpoint: dict[str, Any], module: torch.nn.Module, num_optimizers: int, num_schedulers: int, path: str,
-    compare_shapes: bool = True,
-) -> None:
-    """Name what differs between a checkpoint and the run about to load it.
-
-    ``compare_shapes=False`` under FSDP, where the module's own tensors are shards (torch's
-    ``set_model_state_dict`` then names any shape mismatch itself).
-    """
+def check_compatible(checkpoint: dict[str, Any], module: torch.nn.Module, num_optimizers: int, num_schedulers: int, path: str) -> None:
+    """Name what differs between a checkpoint and the run about to load it."""
     saved = checkpoint["state_dict"]
     current = module.state_dict()
     missing = sorted(set(current) - set(saved))
     unexpected = sorted(set(saved) - set(current))
-    mismatched = sorted(
-        k for k in set(saved) & set(current) if compare_shapes and tuple(saved[k].shape) != tuple(current[k].shape)
-    )
+    mismatched = sorted(k for k in set(saved) & set(current) if tuple(saved[k].shape) != tuple(current[k].shape))
     problems = []
     if missing:
         problems.append(f"parameters missing from the checkpoint: {missing[:10]}")
@@ -202,7 +193,9 @@ def build_checkpoint(trainer: Any) -> dict[str, Any]:
 
 
 def _is_fsdp(trainer: Any) -> bool:
-    return str(trainer.accelerator.distributed_type).split(".")[-1] == "FSDP"
+    from .engines import engine_name
+
+    return engine_name(trainer.accelerator.distributed_type) == "FSDP"
 
 
 def restore_checkpoint(trainer: Any, path: str) -> dict[str, Any] | None:

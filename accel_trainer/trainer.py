@@ -801,9 +801,9 @@ class Trainer:
             return
         accelerator = self.accelerator
         params = self._optimizer_params[opt_idx]
-        distributed = str(accelerator.distributed_type)
-        if "FSDP" in distributed or "DEEPSPEED" in distributed or "XLA" in distributed:
-            if "FSDP" in distributed and len(self._optimizers) == 1:
+        engine = engine_name(accelerator.distributed_type)
+        if engine in ("FSDP", "DEEPSPEED", "XLA"):
+            if engine == "FSDP" and len(self._optimizers) == 1:
                 # Accelerate computes the norm over all shards only when handed exactly the wrapped
                 # model's parameters (in their order); any other list gets this rank's shards only.
                 params = list(self._wrapped.parameters())
@@ -1033,7 +1033,7 @@ class Trainer:
         self._direct_backward = (
             accelerator.gradient_accumulation_steps == 1
             and getattr(accelerator, "scaler", None) is None
-            and str(accelerator.distributed_type).split(".")[-1] in ("NO", "MULTI_CPU", "MULTI_GPU")
+            and engine_name(accelerator.distributed_type) in ("NO", "MULTI_CPU", "MULTI_GPU")
             and type(accelerator).backward is Accelerator.backward
             and "backward" not in vars(accelerator)
         )

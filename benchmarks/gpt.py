@@ -78,7 +78,7 @@ class _Clock:
     """Starts timing after ``warmup`` steps, so start-up and compilation are not counted."""
 
     def __init__(self, warmup: int, device: str) -> None:
-        self.warmup, self.device, self.started, self.seconds = warmup, device, None, 0.0
+        self.warmup, self.device, self.started = warmup, device, None
 
     def step(self, i: int) -> None:
         if i == self.warmup:
@@ -87,8 +87,7 @@ class _Clock:
 
     def stop(self) -> float:
         _sync(self.device)
-        self.seconds = time.perf_counter() - self.started
-        return self.seconds
+        return time.perf_counter() - self.started
 
 
 def run_raw(args, data) -> float:
@@ -134,7 +133,7 @@ def run_accel_trainer(args, data, root: str) -> float:
     trainer = Trainer(max_epochs=1, cpu=args.device == "cpu", mixed_precision="bf16", enable_progress_bar=False,
                       default_root_dir=root, callbacks=[Timer()])
     trainer.fit(LM(), torch.utils.data.DataLoader(data, batch_size=args.batch, shuffle=False, pin_memory=args.device == "cuda"))
-    return clock.seconds or clock.stop()
+    return clock.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
