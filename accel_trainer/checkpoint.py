@@ -1,18 +1,35 @@
 """Save and restore everything a run needs to continue exactly.
 
-A checkpoint is one file written atomically: serialised to a temporary file in the same
-directory, flushed to disk, then ``os.replace``d over the target, so a crash mid-write
-never leaves a truncated ``last.ckpt``. Files load with ``torch.load(weights_only=True)``
-(no arbitrary pickles), which is why RNG states and hyperparameters are stored as plain
-lists, numbers and strings.
+Two layouts, one content:
+
+* **one file** (single process and DDP): everything, written by the global main process.
+* **a directory** (engines that shard, i.e. FSDP): every rank writes its own shards of the
+  model, optimizer state and carried gradients into ``shards/`` (DCP, see
+  :mod:`accel_trainer.sharded_state`), and the global main process writes the rest --
+  counters, schedulers, RNG states of every rank, callbacks -- as ``trainer_state.pt``.
+
+Either is published atomically: a file is written to a temporary file in the same
+directory, flushed, then ``os.replace``d over the target; a directory is written under a
+temporary name and renamed into place only once every rank has finished, the previous one
+renamed aside first and removed last (a crash between the two renames is repaired by
+:func:`resolve`). So ``last.ckpt`` always names a complete checkpoint. Everything loads
+with ``torch.load(weights_only=True)`` (no arbitrary pickles), which is why RNG states and
+hyperparameters are stored as plain lists, numbers and strings.
+
+Nothing here reads a ``Trainer``: :class:`CheckpointParts` hands in what a checkpoint is
+made of, and the engine (:mod:`accel_trainer.engines`) saves and restores its own part.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import random
+import shutil
 import tempfile
-from typing import Any
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -21,6 +38,9 @@ from .errors import CheckpointError
 
 FORMAT = "accel_trainer/1"
 LAST_NAME = "last.ckpt"
+#: inside a sharded checkpoint directory: the trainer's state file, and the DCP shards
+STATE_FILE = "trainer_state.pt"
+SHARDS_DIR = "shards"
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -72,11 +92,77 @@ def atomic_save(obj: dict[str, Any], path: str) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def publish(staged: str, path: str) -> None:
+    """Move the complete ``staged`` file or directory to ``path``, replacing what was there.
+
+    A file over a file is one atomic ``os.replace``. Otherwise (a directory, or a file where
+    a directory was) the old entry is renamed aside first, the new one renamed into place,
+    then the old one removed: at every moment ``path`` or its aside copy is complete, and
+    :func:`resolve` renames the aside copy back if a crash struck between the two renames.
+    """
+    if not os.path.isdir(staged) and not os.path.isdir(path):
+        os.replace(staged, path)
+        return
+    aside = None
+    if os.path.lexists(path):
+        aside = _aside_name(path)
+        os.rename(path, aside)
+    os.rename(staged, path)
+    _fsync_directory(os.path.dirname(os.path.abspath(path)))
+    if aside is not None:
+        remove(aside)
+
+
+def _aside_name(path: str) -> str:
+    head, tail = os.path.split(os.path.abspath(path))
+    return os.path.join(head, f".old-{tail}-{uuid.uuid4().hex[:8]}")
+
+
+def _fsync_directory(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove(path: str) -> None:
+    """Delete a checkpoint of either layout (nothing when it does not exist)."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
+def exists(path: str) -> bool:
+    """A complete checkpoint of either layout is at ``path``."""
+    return os.path.isfile(path) or os.path.isfile(os.path.join(path, STATE_FILE))
+
+
+def resolve(path: str) -> str:
+    """``path``, after repairing a publish that a crash interrupted between its two renames.
+
+    Only the global main process may call this while other ranks run (it renames).
+    """
+    if not os.path.lexists(path):
+        head, tail = os.path.split(os.path.abspath(path))
+        asides = sorted(glob.glob(os.path.join(glob.escape(head), f".old-{glob.escape(tail)}-*")), key=os.path.getmtime)
+        complete = [a for a in asides if exists(a)]
+        if complete:
+            os.rename(complete[-1], path)
+    return path
 
 
 def load_checkpoint_file(path: str) -> dict[str, Any]:
@@ -93,31 +179,6 @@ def load_checkpoint_file(path: str) -> dict[str, Any]:
         found = checkpoint.get("format") if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise CheckpointError(f"{path!r} is not an accel_trainer checkpoint (expected format {FORMAT!r}, found {found!r}).")
     return checkpoint
-
-
-def check_compatible(checkpoint: dict[str, Any], module: torch.nn.Module, num_optimizers: int, num_schedulers: int, path: str) -> None:
-    """Name what differs between a checkpoint and the run about to load it."""
-    saved = checkpoint["state_dict"]
-    current = module.state_dict()
-    missing = sorted(set(current) - set(saved))
-    unexpected = sorted(set(saved) - set(current))
-    mismatched = sorted(k for k in set(saved) & set(current) if tuple(saved[k].shape) != tuple(current[k].shape))
-    problems = []
-    if missing:
-        problems.append(f"parameters missing from the checkpoint: {missing[:10]}")
-    if unexpected:
-        problems.append(f"parameters in the checkpoint the module does not have: {unexpected[:10]}")
-    if mismatched:
-        shapes = [f"{k}: saved {tuple(saved[k].shape)} vs module {tuple(current[k].shape)}" for k in mismatched[:10]]
-        problems.append(f"shape mismatches: {shapes}")
-    n_opt = len(checkpoint["optimizer_states"])
-    if n_opt != num_optimizers:
-        problems.append(f"the checkpoint has {n_opt} optimizer(s), configure_optimizers returned {num_optimizers}")
-    n_sched = len(checkpoint["lr_schedulers"])
-    if n_sched != num_schedulers:
-        problems.append(f"the checkpoint has {n_sched} scheduler(s), configure_optimizers returned {num_schedulers}")
-    if problems:
-        raise CheckpointError(f"Checkpoint {path!r} does not fit {type(module).__name__}: " + "; ".join(problems) + ".")
 
 
 # -- what a checkpoint holds ------------------------------------------------------------------
@@ -147,98 +208,209 @@ def restore_epoch_start(loader: Any, snapshot: dict[str, Any]) -> None:
         generator.set_state(snapshot["sampler_generator"])
 
 
-def build_checkpoint(trainer: Any) -> dict[str, Any]:
-    """Everything needed to continue ``trainer``'s fit exactly (call on every rank)."""
+
+
+# -- a checkpoint of a run -------------------------------------------------------------------
+@dataclass
+class CheckpointParts:
+    """What a checkpoint is made of, handed in by the trainer (this module never reads a Trainer).
+
+    Attributes:
+        accelerator: the run's Accelerator (rank, world size, collectives, scaler).
+        engine: the run's :class:`~accel_trainer.engines.Engine`; saves/restores the tensors.
+        module: the user's module; ``wrapper``: the prepared model the optimizers train.
+        optimizers: the prepared optimizers; ``schedulers``: the prepared schedulers, in order.
+        state: the :class:`~accel_trainer.state.TrainingState` counters.
+        callbacks: the run's callbacks (``state_key``, ``state_dict``, ``load_state_dict``).
+        callback_metrics: the latest reduced metrics (restored so monitors see them again).
+        train_loader: the prepared training dataloader (its sampler position and batch size).
+        epoch_start: RNG/sampler state captured when the current epoch began (None at a boundary).
+    """
+
+    accelerator: Any
+    engine: Any
+    module: torch.nn.Module
+    wrapper: torch.nn.Module
+    optimizers: list
+    schedulers: list
+    state: Any
+    callbacks: list = field(default_factory=list)
+    callback_metrics: dict = field(default_factory=dict)
+    train_loader: Any = None
+    epoch_start: dict[str, Any] | None = None
+
+
+def save(path: str, parts: CheckpointParts, on_save: Callable[[dict[str, Any]], None] | None = None) -> None:
+    """Write a checkpoint of ``parts`` to ``path`` (every rank calls this; it returns on every rank
+    once the checkpoint is complete). ``on_save(checkpoint)`` may add entries before it is written.
+    """
+    accelerator, engine = parts.accelerator, parts.engine
+    checkpoint = _trainer_state(parts)
+    if not engine.sharded_checkpoints:
+        checkpoint.update(engine.save_payload(None, parts.module, parts.wrapper, parts.optimizers))
+        if on_save is not None:
+            on_save(checkpoint)
+        if accelerator.is_main_process:
+            atomic_save(checkpoint, path)
+        accelerator.wait_for_everyone()
+        return
+    if on_save is not None:
+        on_save(checkpoint)
+    staging = _agreed_staging_directory(path, accelerator)
+    checkpoint["sharded"] = engine.save_payload(os.path.join(staging, SHARDS_DIR), parts.module, parts.wrapper, parts.optimizers)
+    accelerator.wait_for_everyone()  # every rank's shards are on disk
+    if accelerator.is_main_process:
+        atomic_save(checkpoint, os.path.join(staging, STATE_FILE))
+        publish(staging, path)
+    accelerator.wait_for_everyone()
+
+
+def _agreed_staging_directory(path: str, accelerator: Any) -> str:
+    """A fresh directory beside ``path``, the same on every rank (created by the main process)."""
+    from accelerate.utils import broadcast_object_list
+
+    head, tail = os.path.split(os.path.abspath(path))
+    name = [os.path.join(head, f".tmp-{tail}-{uuid.uuid4().hex[:12]}")]
+    if accelerator.is_main_process:
+        os.makedirs(name[0])
+    if accelerator.num_processes > 1:
+        broadcast_object_list(name, from_process=0)
+    return name[0]
+
+
+def _trainer_state(parts: CheckpointParts) -> dict[str, Any]:
+    """Everything but the model/optimizer tensors (the same for every engine; a collective)."""
     from accelerate.utils import gather_object
 
-    module = trainer.module
-    state = trainer.state
+    accelerator, state, loader = parts.accelerator, parts.state, parts.train_loader
     at_boundary = state.batches_done_in_epoch == 0
-    loader = getattr(trainer, "_train_loader", None)
-    epoch_start = capture_epoch_start(loader) if at_boundary or trainer._epoch_start is None else trainer._epoch_start
+    epoch_start = capture_epoch_start(loader) if at_boundary or parts.epoch_start is None else parts.epoch_start
     per_rank = {"rng": capture_rng_state(), "epoch_start": epoch_start}
-    if trainer.world_size > 1:
-        per_rank_states = gather_object([per_rank])
-    else:
-        per_rank_states = [per_rank]
-    if _is_fsdp(trainer):
-        from .sharded_state import gather_full_state
-
-        model_state, optimizer_states = gather_full_state(trainer._wrapped, trainer.optimizers)
-        grads: dict[str, Any] = {}  # sharded; carried gradients are not saved under FSDP
-    else:
-        model_state, optimizer_states = module.state_dict(), [opt.state_dict() for opt in trainer.optimizers]
-        grads = {name: p.grad for name, p in module.named_parameters() if p.grad is not None}
+    rank_states = gather_object([per_rank]) if accelerator.num_processes > 1 else [per_rank]
     checkpoint: dict[str, Any] = {
         "format": FORMAT,
-        "state_dict": model_state,
-        "optimizer_states": optimizer_states,
-        "lr_schedulers": [cfg.scheduler.state_dict() for cfg in trainer.lr_schedulers],
+        "engine": parts.engine.label,
+        "lr_schedulers": [s.state_dict() for s in parts.schedulers],
         "loops": state.state_dict(),
-        # Gradients an optimizer_step override left un-zeroed (it skipped a step) carry into
-        # the next batch; without them a resumed run would take a different step.
-        "grads": grads,
-        "world_size": trainer.world_size,
+        "world_size": accelerator.num_processes,
         "global_batch_size": _global_batch_size(loader),
-        "rank_states": per_rank_states,
-        "callbacks": {cb.state_key: plain(cb.state_dict()) for cb in trainer.callbacks},
-        "callback_metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
-        "hparams": plain(dict(module.hparams)),
+        "rank_states": rank_states,
+        "callbacks": {cb.state_key: plain(cb.state_dict()) for cb in parts.callbacks},
+        "callback_metrics": {k: float(v) for k, v in parts.callback_metrics.items()},
+        "hparams": plain(dict(getattr(parts.module, "hparams", {}) or {})),
     }
-    scaler = getattr(trainer.accelerator, "scaler", None)
+    scaler = getattr(accelerator, "scaler", None)
     if scaler is not None:
         checkpoint["scaler"] = scaler.state_dict()
-    trainer._hooks("on_save_checkpoint", checkpoint)
     return checkpoint
 
 
-def _is_fsdp(trainer: Any) -> bool:
-    from .engines import engine_name
+def read(path: str) -> Any:
+    """The checkpoint at ``path`` (either layout) as a :class:`~accel_trainer.engines.PayloadSource`."""
+    from .engines import PayloadSource
 
-    return engine_name(trainer.accelerator.distributed_type) == "FSDP"
+    if os.path.isdir(path):
+        state_file = os.path.join(path, STATE_FILE)
+        if not os.path.isfile(state_file):
+            raise CheckpointError(
+                f"{path!r} is a directory but not an accel_trainer checkpoint: a sharded checkpoint holds "
+                f"{STATE_FILE} and {SHARDS_DIR}/ (this one has {sorted(os.listdir(path))[:10]})."
+            )
+        checkpoint = load_checkpoint_file(state_file)
+        if "sharded" not in checkpoint:
+            raise CheckpointError(f"{state_file!r} has no description of its shards: the checkpoint is incomplete.")
+        return PayloadSource(path, checkpoint, shards=os.path.join(path, SHARDS_DIR))
+    return PayloadSource(path, load_checkpoint_file(path))
 
 
-def restore_checkpoint(trainer: Any, path: str) -> dict[str, Any] | None:
-    """Load ``path`` into ``trainer``; returns what a mid-epoch resume still needs (else None)."""
-    if _is_fsdp(trainer):
-        raise CheckpointError(
-            f"Resuming from {path!r} under FSDP is not supported yet: the checkpoint holds the full (gathered) "
-            "weights and optimizer state, but putting them back into shards has not been verified to continue "
-            "exactly. Resume this run under DDP (launch/multi_gpu.yaml), or start a new FSDP run from the weights: "
-            "module.load_state_dict(accel_trainer.checkpoint.load_checkpoint_file(path)['state_dict'])."
-        )
-    checkpoint = load_checkpoint_file(path)
-    module = trainer.module
-    check_compatible(checkpoint, module, len(trainer.optimizers), len(trainer.lr_schedulers), path)
-    module.load_state_dict(checkpoint["state_dict"])
-    grads = checkpoint.get("grads", {})
-    for name, p in module.named_parameters():
-        p.grad = grads[name].to(p.device, p.dtype) if name in grads else None
-    for opt, opt_state in zip(trainer.optimizers, checkpoint["optimizer_states"]):
-        opt.load_state_dict(opt_state)
-    for cfg, sched_state in zip(trainer.lr_schedulers, checkpoint["lr_schedulers"]):
-        cfg.scheduler.load_state_dict(sched_state)
-    scaler = getattr(trainer.accelerator, "scaler", None)
+def saved_shapes(checkpoint: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor of the saved module (either layout)."""
+    if "sharded" in checkpoint:
+        return {k: tuple(v) for k, v in checkpoint["sharded"]["state_shapes"].items()}
+    return {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items()}
+
+
+def check_compatible(checkpoint: dict[str, Any], current_shapes: dict[str, tuple[int, ...]], module_name: str, num_optimizers: int, num_schedulers: int, path: str) -> None:
+    """Name what differs between a checkpoint and the run about to load it."""
+    saved = saved_shapes(checkpoint)
+    missing = sorted(set(current_shapes) - set(saved))
+    unexpected = sorted(set(saved) - set(current_shapes))
+    mismatched = sorted(k for k in set(saved) & set(current_shapes) if tuple(saved[k]) != tuple(current_shapes[k]))
+    problems = []
+    if missing:
+        problems.append(f"parameters missing from the checkpoint: {missing[:10]}")
+    if unexpected:
+        problems.append(f"parameters in the checkpoint the module does not have: {unexpected[:10]}")
+    if mismatched:
+        shapes = [f"{k}: saved {tuple(saved[k])} vs module {tuple(current_shapes[k])}" for k in mismatched[:10]]
+        problems.append(f"shape mismatches: {shapes}")
+    n_opt = len(checkpoint["sharded"]["optimizer_has_state"]) if "sharded" in checkpoint else len(checkpoint["optimizer_states"])
+    if n_opt != num_optimizers:
+        problems.append(f"the checkpoint has {n_opt} optimizer(s), configure_optimizers returned {num_optimizers}")
+    n_sched = len(checkpoint["lr_schedulers"])
+    if n_sched != num_schedulers:
+        problems.append(f"the checkpoint has {n_sched} scheduler(s), configure_optimizers returned {num_schedulers}")
+    if problems:
+        raise CheckpointError(f"Checkpoint {path!r} does not fit {module_name}: " + "; ".join(problems) + ".")
+
+
+def current_shapes(wrapper: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """Name -> global shape of every tensor of the module being trained (any engine)."""
+    from .sharded_state import PREFIX, model_state
+
+    return {k[len(PREFIX):] if k.startswith(PREFIX) else k: tuple(v.shape) for k, v in model_state(wrapper).items()}
+
+
+def restore(path: str, parts: CheckpointParts, on_load: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any] | None:
+    """Load ``path`` (either layout, written by any engine) into ``parts`` (every rank calls this).
+
+    Returns what a mid-epoch resume still needs (the RNG at the save and at the epoch's
+    start), or None when the checkpoint was taken at an epoch boundary.
+    """
+    accelerator, state, loader = parts.accelerator, parts.state, parts.train_loader
+    source = read(path)
+    checkpoint = source.checkpoint
+    check_compatible(
+        checkpoint, current_shapes(parts.wrapper), type(parts.module).__name__, len(parts.optimizers), len(parts.schedulers), path
+    )
+    parts.engine.restore_payload(source, parts.module, parts.wrapper, parts.optimizers)
+    for scheduler, sched_state in zip(parts.schedulers, checkpoint["lr_schedulers"]):
+        scheduler.load_state_dict(sched_state)
+    scaler = getattr(accelerator, "scaler", None)
     if scaler is not None and "scaler" in checkpoint:
         scaler.load_state_dict(checkpoint["scaler"])
-    trainer.state.load_state_dict(checkpoint["loops"])
+    state.load_state_dict(checkpoint["loops"])
     saved_world = int(checkpoint.get("world_size", 1))
-    loader = getattr(trainer, "_train_loader", None)
     saved_batch, batch = checkpoint.get("global_batch_size"), _global_batch_size(loader)
-    if trainer.state.batches_done_in_epoch and saved_batch and batch and saved_batch != batch:
+    if state.batches_done_in_epoch and saved_batch and batch and saved_batch != batch:
         # The position is counted in batches: carry it over as samples seen this epoch.
-        trainer.state.batches_done_in_epoch = trainer.state.batches_done_in_epoch * saved_batch // batch
-    for cb in trainer.callbacks:
+        state.batches_done_in_epoch = state.batches_done_in_epoch * saved_batch // batch
+    for cb in parts.callbacks:
         if cb.state_key in checkpoint["callbacks"]:
             cb.load_state_dict(checkpoint["callbacks"][cb.state_key])
     for name, value in checkpoint.get("callback_metrics", {}).items():
-        trainer.callback_metrics.setdefault(name, torch.tensor(value))
+        parts.callback_metrics.setdefault(name, torch.tensor(value))
     rank_states = checkpoint["rank_states"]
-    mine = rank_states[trainer.accelerator.process_index] if saved_world == trainer.world_size else rank_states[0]
-    if trainer.state.batches_done_in_epoch == 0:
+    mine = rank_states[accelerator.process_index] if saved_world == accelerator.num_processes else rank_states[0]
+    if state.batches_done_in_epoch == 0:
         restore_epoch_start(loader, mine["epoch_start"])  # the next epoch starts exactly as it would have
     restore_rng_state(mine["rng"])
-    trainer._hooks("on_load_checkpoint", checkpoint)
-    if trainer.state.batches_done_in_epoch == 0:
+    if on_load is not None:
+        on_load(checkpoint)
+    if state.batches_done_in_epoch == 0:
         return None
     return {"rng": mine["rng"], "epoch_start": mine["epoch_start"]}
+
+
+def load_weights(path: str) -> dict[str, torch.Tensor]:
+    """The module's full state dict from a checkpoint of either layout (for evaluation and export).
+
+    A sharded checkpoint is reassembled in this process's memory, so call it on one process.
+    """
+    source = read(path)
+    if source.shards is None:
+        return source.checkpoint["state_dict"]
+    from .sharded_state import PREFIX, read_full_state
+
+    model = read_full_state(source.shards, prefixes=["model."])["model"]
+    return {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in model.items()}

@@ -6,6 +6,7 @@ Subcommands::
     accel-trainer validate --config configs/digits_classifier.yaml [--ckpt_path PATH]
     accel-trainer test     --config configs/digits_classifier.yaml [--ckpt_path PATH]
     accel-trainer plot RUN_DIR                                     # PNG curves of metrics.csv and the LRs
+    accel-trainer export CKPT_OR_RUN_DIR OUT                       # consolidated weights (safetensors)
     accel-trainer lr-schedule --config configs/digits_gan.yaml --steps 2000   # the LR schedule, without training
 
 ``python -m accel_trainer ...`` and ``launch/train.py ...`` (= ``fit``) are the same command.
@@ -53,6 +54,7 @@ from typing import Any, Literal, Optional, Sequence
 
 import torch
 
+from .checkpoint import exists as checkpoint_exists
 from .data import DataModule, loader_length
 from .errors import CheckpointError, ConfigurationError
 from .module import TrainingModule
@@ -97,10 +99,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             run(command, parser, cfg)
         elif command == "plot":
             _plot(cfg)
+        elif command == "export":
+            _export(cfg)
         else:
             _lr_schedule(parser, cfg)
     except (CLIError, ConfigurationError, CheckpointError) as err:
-        command = argv[0] if argv and argv[0] in (*RUN_COMMANDS, "plot", "lr-schedule") else ""
+        command = argv[0] if argv and argv[0] in (*RUN_COMMANDS, "plot", "lr-schedule", "export") else ""
         print(f"{PROG} {command}: error: {err}".replace("  error", " error"), file=sys.stderr, flush=True)
         return CONFIG_ERROR_EXIT
     return 0
@@ -124,6 +128,7 @@ def build_parser() -> tuple[Any, dict[str, Any]]:
         "test": "Run one test pass (weights from --ckpt_path, else the run's last.ckpt).",
         "plot": "Write PNG curves of a run's logged metrics and learning rates.",
         "lr-schedule": "Plot the learning rate each optimizer would follow, without training.",
+        "export": "Write a checkpoint's module weights as one consolidated safetensors file (sharded FSDP checkpoints too).",
     }
     for name in RUN_COMMANDS:
         parsers[name] = _run_parser(name, helps[name])
@@ -133,6 +138,7 @@ def build_parser() -> tuple[Any, dict[str, Any]]:
     parsers["lr-schedule"].add_argument(
         "--out", type=Optional[str], default=None, help="PNG path (default: {trainer.default_root_dir}/lr_schedule.png)"
     )
+    parsers["export"] = _export_parser(helps["export"])
     for name, parser in parsers.items():
         subcommands.add_subcommand(name, parser, help=helps[name])
     return root, parsers
@@ -180,6 +186,15 @@ def _plot_parser(description: str) -> Any:
     return parser
 
 
+def _export_parser(description: str) -> Any:
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(prog=f"{PROG} export", description=description, exit_on_error=False, allow_abbrev=False)
+    parser.add_argument("checkpoint", type=str, help="a checkpoint (file or sharded directory) or a run directory")
+    parser.add_argument("out", type=str, help="a .safetensors file, or a directory that receives model.safetensors")
+    return parser
+
+
 def parse(argv: Sequence[str]) -> tuple[str, Any, Any]:
     """Parse and check ``argv``; returns ``(subcommand, its parser, its config namespace)``.
 
@@ -198,7 +213,7 @@ def parse(argv: Sequence[str]) -> tuple[str, Any, Any]:
         except ArgumentError as err:
             raise CLIError(explain_parse_error(str(err), parsers, argv)) from None
     command = cfg.subcommand
-    if command != "plot":
+    if command not in ("plot", "export"):
         _check_lr_scheduler(cfg[command])
     return command, parsers[command], cfg[command]
 
@@ -227,7 +242,7 @@ def run(command: str, parser: Any, cfg: Any) -> Any:
     if command == "fit":
         ckpt_path = cfg.ckpt_path
         last = os.path.join(root, "checkpoints", "last.ckpt")
-        if ckpt_path is None and cfg.resume and os.path.isfile(last):
+        if ckpt_path is None and cfg.resume and checkpoint_exists(last):
             ckpt_path = "last"
             _say(trainer, f"Resuming from {last} (pass --resume false, or a new --trainer.default_root_dir, to start over).")
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -297,19 +312,19 @@ def attach_optimizers(module: TrainingModule, optimizer: Any, lr_scheduler: dict
 
 def _load_weights(trainer: Trainer, module: TrainingModule, ckpt_path: str | None) -> None:
     """validate/test: weights from ``ckpt_path``, else the run's ``last.ckpt``, else as built."""
-    from .checkpoint import load_checkpoint_file
+    from .checkpoint import load_weights
 
     path = ckpt_path
     if path is None or path == "last":
         last = os.path.join(trainer.default_root_dir, "checkpoints", "last.ckpt")
-        if os.path.isfile(last):
+        if checkpoint_exists(last):
             path = last
         elif path == "last":
             raise CLIError(f"ckpt_path='last' but {last} does not exist (train first with `{PROG} fit`).")
         else:
             _say(trainer, f"No checkpoint at {last}: evaluating the freshly initialised module (pass --ckpt_path).")
             return
-    state = load_checkpoint_file(path)["state_dict"]
+    state = load_weights(path)
     try:
         module.load_state_dict(state)
     except RuntimeError as err:
@@ -326,6 +341,17 @@ def _apply_sweep_run_dir(cfg: Any) -> None:
 # ---------------------------------------------------------------------------------------------
 # plot and lr-schedule
 # ---------------------------------------------------------------------------------------------
+
+
+def _export(cfg: Any) -> None:
+    from .export import export
+
+    path, summary = export(cfg.checkpoint, cfg.out)
+    print(
+        f"{PROG} export: wrote {path}: {summary['tensors']} tensors, {summary['parameters']:,} parameters, "
+        f"{summary['bytes'] / 2**20:.1f} MiB (from a {summary['engine']} checkpoint at global_step "
+        f"{summary['global_step']}, epoch {summary['epoch']})"
+    )
 
 
 def _plot(cfg: Any) -> None:

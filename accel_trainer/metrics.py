@@ -77,6 +77,8 @@ class MetricCollector:
         self.num_processes = num_processes
         self.stage = "train"
         self.in_epoch_end = False
+        #: while True, ``self.log`` calls are dropped (filler forward passes, see ``lockstep.py``)
+        self.discarding = False
         self._entries: dict[str, dict[str, _Entry]] = {"train": {}, "validate": {}, "test": {}, "sanity": {}}
         self._batch: Any = None
         self._batch_size: int | None = None
@@ -108,6 +110,8 @@ class MetricCollector:
         reduce_fx: str | Callable = "mean",
         batch_size: int | None = None,
     ) -> None:
+        if self.discarding:
+            return
         in_step = not self.in_epoch_end
         if on_step is None:
             on_step = in_step and self.stage == "train"

@@ -18,8 +18,9 @@ Two mechanisms, both driven by explicit counters in :class:`~accel_trainer.state
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 
@@ -48,6 +49,7 @@ class StepTracker:
 
     def __init__(self, optimizers: list, state: "TrainingState", warmup_steps: list[int | None]) -> None:
         self._state = state
+        self._paused = False
         self._warmup = list(warmup_steps)
         self._saved_lrs: list[list[float] | None] = [None] * len(optimizers)
         self._handles = []
@@ -65,6 +67,8 @@ class StepTracker:
 
     def _make_pre_hook(self, i: int) -> Callable:
         def pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            if self._paused:
+                return
             factor = warmup_factor(self._state.optimizer_steps[i], self._warmup[i])
             if factor != 1.0:
                 self._saved_lrs[i] = [g["lr"] for g in optimizer.param_groups]
@@ -75,6 +79,8 @@ class StepTracker:
 
     def _make_post_hook(self, i: int) -> Callable:
         def post_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            if self._paused:
+                return
             saved = self._saved_lrs[i]
             if saved is not None:
                 # Restore the scheduler's own value: it must not compound the warm-up factor.
@@ -84,6 +90,19 @@ class StepTracker:
             self._state.optimizer_steps[i] += 1
 
         return post_hook
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Neither count steps nor apply warm-up meanwhile (for steps that are not training steps).
+
+        torch's sharded-state API initialises an optimizer without state by a zero-lr step;
+        during a checkpoint save that step must leave ``optimizer_steps`` alone.
+        """
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
 
     def effective_lrs(self, i: int, optimizer: torch.optim.Optimizer) -> list[float]:
         """The learning rates optimizer ``i``'s next real step will use (warm-up applied)."""

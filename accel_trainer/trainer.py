@@ -43,9 +43,10 @@ from typing import Any, Callable, Iterable
 import torch
 
 from . import checkpoint as ckpt_io
+from . import lockstep as lockstep_mod
 from . import data as data_utils
 from .callbacks.base import Callback
-from .engines import check_engine_support, engine_name, plan_wrappers
+from .engines import RunRequest, check_requested_engine, engine_for, requested_engine
 from .errors import ConfigurationError, TrainingError
 from .loggers import build_trackers, log_hyperparams, normalise_log_with
 from .metrics import MetricCollector
@@ -326,6 +327,7 @@ class Trainer:
                 f"accelerator's gradient_accumulation_steps={accelerator.gradient_accumulation_steps}. Set it on one of them."
             )
         _check_launch(accelerator)
+        check_requested_engine(accelerator)
         self._accelerator = accelerator
         self.gradient_accumulation_steps = accelerator.gradient_accumulation_steps
 
@@ -446,14 +448,16 @@ class Trainer:
             self._val_loaders = [self._prepare_loader(dl, even_batches=False) for dl in val_loaders]
             self.state.reset_for(len(self._optimizers))
             self.should_stop = False
+            if ckpt_path is not None:
+                # before the step hooks exist: torch's sharded-state API may initialise an
+                # optimizer with a zero-lr step, which must not count as a training step
+                self._restore(ckpt_path)
             self._step_tracker = StepTracker(
                 self._optimizers, self.state, self._warmup_per_optimizer(len(self._optimizers))
             )
             self._runner = SchedulerRunner(
                 self._scheduler_configs, len(self._optimizers), module.lr_scheduler_step, lambda: self.callback_metrics
             )
-            if ckpt_path is not None:
-                self._restore(ckpt_path)
             self._start_trackers(module)
 
             self._preemption.install()
@@ -799,26 +803,10 @@ class Trainer:
     def _clip_gradients(self, opt_idx: int) -> None:
         if self.gradient_clip_val is None:
             return
-        accelerator = self.accelerator
-        params = self._optimizer_params[opt_idx]
-        engine = engine_name(accelerator.distributed_type)
-        if engine in ("FSDP", "DEEPSPEED", "XLA"):
-            if engine == "FSDP" and len(self._optimizers) == 1:
-                # Accelerate computes the norm over all shards only when handed exactly the wrapped
-                # model's parameters (in their order); any other list gets this rank's shards only.
-                params = list(self._wrapped.parameters())
-            if self.gradient_clip_algorithm == "norm":
-                accelerator.clip_grad_norm_(params, self.gradient_clip_val)
-            else:
-                accelerator.clip_grad_value_(params, self.gradient_clip_val)
-            return
-        # Unscale only this optimizer: Accelerate's clip_grad_norm_ unscales every optimizer,
-        # which under fp16 with two optimizers unscales the other one twice.
-        accelerator.unscale_gradients(optimizer=self._optimizers[opt_idx])
-        if self.gradient_clip_algorithm == "norm":
-            torch.nn.utils.clip_grad_norm_(params, self.gradient_clip_val)
-        else:
-            torch.nn.utils.clip_grad_value_(params, self.gradient_clip_val)
+        self._engine.clip_gradients(
+            self._optimizers[opt_idx], self._optimizer_params[opt_idx], self._wrapped, len(self._optimizers),
+            self.gradient_clip_val, self.gradient_clip_algorithm,
+        )
 
     # -- validation -----------------------------------------------------------------------------
     def _run_validation(self) -> dict[str, float]:
@@ -847,14 +835,27 @@ class Trainer:
         module.eval()
         self._hooks(f"on_{kind}_start")
         self._hooks(f"on_{kind}_epoch_start")
+        limits = [data_utils.limit_batches(limit, data_utils.loader_length(dl), "limit_val_batches") for dl in loaders]
+        lockstep = self._engine.forward_is_collective and self.accelerator.num_processes > 1
+        if lockstep:
+            targets, template_rank = lockstep_mod.agree_on_batch_counts([int(n) for n in limits], self.accelerator)
         with torch.no_grad():
             for dl_idx, loader in enumerate(loaders):
-                n = data_utils.limit_batches(limit, data_utils.loader_length(loader), "limit_val_batches")
-                for batch_idx, batch in enumerate(loader):
+                n = limits[dl_idx]
+                extra = (dl_idx,) if len(loaders) > 1 else ()
+                iterator = iter(loader)
+                first = next(iterator, None) if n > 0 else None
+                template = first
+                if lockstep and template_rank is not None:  # before any forward: it is a collective too
+                    shared = lockstep_mod.share_template(first, template_rank, self.accelerator)
+                    template = first if first is not None else shared
+                batches = itertools.chain([first], iterator) if first is not None else iter(())
+                done = 0
+                for batch_idx, batch in enumerate(batches):
                     if batch_idx >= n:
                         break
+                    done = batch_idx + 1
                     metrics.set_batch(batch)
-                    extra = (dl_idx,) if len(loaders) > 1 else ()
                     self._hooks(f"on_{kind}_batch_start", batch, batch_idx, *extra)
                     output = self._wrapped(step_name, batch, batch_idx, *extra)
                     entry = metrics.entries(stage).get(auto_name)
@@ -862,6 +863,8 @@ class Trainer:
                         metrics.log(auto_name, output, on_step=False, on_epoch=True)
                         metrics.entries(stage)[auto_name].auto = True
                     self._hooks(f"on_{kind}_batch_end", output, batch, batch_idx, *extra)
+                if lockstep:
+                    lockstep_mod.run_fillers(self._wrapped, step_name, template, done, targets[dl_idx] - done, extra, metrics)
         metrics.in_epoch_end = True
         try:
             self._hooks(f"on_{kind}_epoch_end")
@@ -920,6 +923,7 @@ class Trainer:
         module.trainer = self
         self._metrics = MetricCollector(self.accelerator.device, self.accelerator.num_processes, module)
         self._hooks = _Hooks(self, module, self.callbacks)
+        self._engine = engine_for(self.accelerator)
         self._last_output = None
         self._last_loss = None
         self._resume: dict[str, Any] | None = None
@@ -990,19 +994,18 @@ class Trainer:
 
     def _check_engine(self, module: TrainingModule, config: OptimizationConfig) -> None:
         """Refuse what the launched engine (FSDP, DeepSpeed) cannot run, before anything is prepared."""
-        accelerator = self.accelerator
-        check_engine_support(
-            accelerator.distributed_type,
-            optimizer_names=[type(o).__name__ for o in config.optimizers],
-            needs_closure=[i for i, o in enumerate(config.optimizers) if requires_closure(o)],
-            overrides_optimizer_step=type(module).optimizer_step is not TrainingModule.optimizer_step,
-            automatic_optimization=getattr(module, "automatic_optimization", True),
-            gradient_accumulation_steps=self.gradient_accumulation_steps,
-            gradient_clip_val=self.gradient_clip_val,
-            gradient_clip_algorithm=self.gradient_clip_algorithm,
-            warmup_optimizers=sorted({c.opt_idx for c in config.schedulers if c.warmup_steps}),
-            fsdp_plugin=getattr(accelerator.state, "fsdp_plugin", None),
-            module_name=type(module).__name__,
+        self._engine.check(
+            RunRequest(
+                optimizer_names=[type(o).__name__ for o in config.optimizers],
+                needs_closure=[i for i, o in enumerate(config.optimizers) if requires_closure(o)],
+                overrides_optimizer_step=type(module).optimizer_step is not TrainingModule.optimizer_step,
+                automatic_optimization=getattr(module, "automatic_optimization", True),
+                gradient_accumulation_steps=self.gradient_accumulation_steps,
+                gradient_clip_val=self.gradient_clip_val,
+                gradient_clip_algorithm=self.gradient_clip_algorithm,
+                warmup_optimizers=sorted({c.opt_idx for c in config.schedulers if c.warmup_steps}),
+                module_name=type(module).__name__,
+            )
         )
 
     def _setup_optimization(self, module: TrainingModule, config: OptimizationConfig, train_loader: Any = None) -> None:
@@ -1010,34 +1013,18 @@ class Trainer:
         self._automatic = getattr(module, "automatic_optimization", True)
         n_opt = len(config.optimizers)
         dispatchers = self._make_dispatchers(module, config)
-        if engine_name(accelerator.distributed_type) == "DEEPSPEED":
-            prepared = self._prepare_deepspeed(dispatchers, config, train_loader)
-        else:
-            prepared = accelerator.prepare(*dispatchers, *config.optimizers, *[c.scheduler for c in config.schedulers])
-        if not isinstance(prepared, (list, tuple)):
-            prepared = [prepared]
-        wrappers, prepared = list(prepared[: len(dispatchers)]), list(prepared[len(dispatchers) :])
+        prepared = self._engine.prepare(dispatchers, config.optimizers, [c.scheduler for c in config.schedulers], train_loader)
+        wrappers = prepared.wrappers
         self._wrapped = wrappers[0]
         # the wrapper each optimizer's training_step runs through (the same one unless per-optimizer DDP)
         self._wrappers = wrappers if len(wrappers) == n_opt else [wrappers[0]] * max(n_opt, 1)
         self._unique_wrappers = wrappers
-        self._optimizers = prepared[:n_opt]
+        self._optimizers = prepared.optimizers
         _cache_accelerate_availability_checks()
         for opt in self._optimizers:
             _install_fast_zero_grad(opt)
-        # accelerator.backward(loss) only divides by gradient_accumulation_steps and calls
-        # loss.backward() when there is no DeepSpeed/Megatron engine and no fp16 scaler; with
-        # accumulation 1 the division is a no-op (x / 1 == x exactly), so call backward directly.
-        from accelerate import Accelerator
-
-        self._direct_backward = (
-            accelerator.gradient_accumulation_steps == 1
-            and getattr(accelerator, "scaler", None) is None
-            and engine_name(accelerator.distributed_type) in ("NO", "MULTI_CPU", "MULTI_GPU")
-            and type(accelerator).backward is Accelerator.backward
-            and "backward" not in vars(accelerator)
-        )
-        for cfg, sched in zip(config.schedulers, prepared[n_opt:]):
+        self._direct_backward = self._engine.direct_backward()
+        for cfg, sched in zip(config.schedulers, prepared.schedulers):
             # We decide when a scheduler steps; Accelerate's wrapper would otherwise step it
             # num_processes times per call and skip steps by its own rules.
             if hasattr(sched, "step_with_optimizer"):
@@ -1069,7 +1056,7 @@ class Trainer:
         """
         accelerator = self.accelerator
         owners = [{id(p) for g in opt.param_groups for p in g["params"]} for opt in config.optimizers]
-        plan = plan_wrappers(accelerator.distributed_type, accelerator.num_processes, self._automatic, owners)
+        plan = self._engine.wrapper_plan(self._automatic, owners)
         if plan.find_unused_parameters:
             from accelerate.utils import DistributedDataParallelKwargs
 
@@ -1086,47 +1073,9 @@ class Trainer:
             dispatchers.append(dispatcher)
         return dispatchers
 
-    def _prepare_deepspeed(self, dispatchers: list, config: OptimizationConfig, train_loader: Any) -> list:
-        """Model and optimizer through ``deepspeed.initialize``; the schedulers stay the trainer's.
-
-        In one ``prepare`` call, Accelerate's ``_prepare_deepspeed`` (accelerate/accelerator.py)
-        keeps a single scheduler: every scheduler passed comes back as the last one. A
-        DeepSpeed-native schedule (``WarmupLR``, ``OneCycle`` …) is handed to
-        ``deepspeed.initialize``, whose engine steps it inside every ``engine.step()``, and
-        comes back as a ``DeepSpeedSchedulerWrapper`` whose ``step()`` does nothing: interval,
-        frequency, monitor and plateau rules could not apply. So the model and optimizer are
-        prepared first, then each scheduler through ``prepare_scheduler``, which wraps it in a
-        plain ``AcceleratedScheduler`` that the ``SchedulerRunner`` steps like any other. (A
-        second ``prepare`` call would not do that: with no model in the call,
-        ``_prepare_deepspeed`` hands schedulers back unwrapped.) The scheduler still drives the
-        learning rate: DeepSpeed steps the optimizer it was built on (ZeRO wraps it and steps
-        it; CPU offload builds its optimizer from the same ``param_groups`` dicts).
-
-        The dataloaders are prepared later, so a ``train_micro_batch_size_per_gpu: auto`` in
-        the DeepSpeed config is filled here from the training loader's ``batch_size``, as
-        ``_prepare_deepspeed`` itself does when a loader is in the call (without one it raises).
-        """
-        from torch.optim.lr_scheduler import LRScheduler
-
-        accelerator = self.accelerator
-        plugin = accelerator.deepspeed_plugin
-        batch_size = getattr(train_loader, "batch_size", None)
-        if plugin is not None and batch_size and plugin.is_auto("train_micro_batch_size_per_gpu"):
-            if accelerator.split_batches:
-                batch_size //= accelerator.num_processes
-            plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = batch_size
-        prepared = accelerator.prepare(*dispatchers, *config.optimizers)
-        prepared = list(prepared) if isinstance(prepared, (list, tuple)) else [prepared]
-        # Only LRSchedulers are wrapped, as in a plain prepare call; other schedulers pass as given.
-        schedulers = [
-            accelerator.prepare_scheduler(c.scheduler) if isinstance(c.scheduler, LRScheduler) else c.scheduler
-            for c in config.schedulers
-        ]
-        return prepared + schedulers
-
     def _prepare_model_only(self, module: TrainingModule) -> None:
         module.to(self.accelerator.device)
-        self._wrapped = self.accelerator.prepare(_StepDispatcher(module))
+        self._wrapped = self._engine.prepare_for_evaluation(_StepDispatcher(module))
 
     def _prepare_loader(self, loader: Any, even_batches: bool) -> Any:
         accelerator = self.accelerator
@@ -1202,14 +1151,29 @@ class Trainer:
 
     # -- checkpoints ------------------------------------------------------------------------------
     def save_checkpoint(self, path: str | os.PathLike) -> None:
-        """Write a full checkpoint (atomically) to ``path``; every rank must call this."""
-        checkpoint = self._checkpoint_dict()
-        if self.accelerator.is_main_process:
-            ckpt_io.atomic_save(checkpoint, os.fspath(path))
-        self.accelerator.wait_for_everyone()
+        """Write a full checkpoint (atomically) to ``path``; every rank must call this.
 
-    def _checkpoint_dict(self) -> dict[str, Any]:
-        return ckpt_io.build_checkpoint(self)
+        Under FSDP ``path`` becomes a directory every rank writes its shards into (see the
+        README's "Checkpoints and resuming"); otherwise it is one file.
+        """
+        tracker = getattr(self, "_step_tracker", None)
+        with tracker.paused() if tracker is not None else contextlib.nullcontext():
+            ckpt_io.save(os.fspath(path), self._checkpoint_parts(), lambda c: self._hooks("on_save_checkpoint", c))
+
+    def _checkpoint_parts(self) -> ckpt_io.CheckpointParts:
+        return ckpt_io.CheckpointParts(
+            accelerator=self.accelerator,
+            engine=self._engine,
+            module=self._module,
+            wrapper=self._wrapped,
+            optimizers=self._optimizers,
+            schedulers=[cfg.scheduler for cfg in self._scheduler_configs],
+            state=self.state,
+            callbacks=self.callbacks,
+            callback_metrics=self._metrics.callback_metrics,
+            train_loader=getattr(self, "_train_loader", None),
+            epoch_start=self._epoch_start,
+        )
 
     def _save_last(self) -> None:
         self.save_checkpoint(os.path.join(self.checkpoint_dir, ckpt_io.LAST_NAME))
@@ -1218,10 +1182,13 @@ class Trainer:
         path = os.fspath(ckpt_path)
         if path == "last":
             path = os.path.join(self.checkpoint_dir, ckpt_io.LAST_NAME)
-            if not os.path.isfile(path):
+            if self.accelerator.is_main_process:
+                ckpt_io.resolve(path)  # repairs a directory publish a crash interrupted
+            self.accelerator.wait_for_everyone()
+            if not ckpt_io.exists(path):
                 warnings.warn(f"ckpt_path='last' but {path} does not exist yet: starting from scratch.", UserWarning)
                 return
-        self._resume = ckpt_io.restore_checkpoint(self, path)
+        self._resume = ckpt_io.restore(path, self._checkpoint_parts(), lambda c: self._hooks("on_load_checkpoint", c))
 
 
 def _validate_trainer_args(args: dict[str, Any]) -> None:
@@ -1312,13 +1279,16 @@ def _make_accelerator(cpu: bool, mixed_precision: str, gradient_accumulation_ste
         # A multi-process launch on a machine without GPUs: join the job over gloo on CPU
         # instead of letting every process train its own world-size-1 copy.
         cpu = True
-    accelerator = Accelerator(
-        cpu=cpu,
+    kwargs = dict(
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=gradient_accumulation_steps,
         step_scheduler_with_optimizer=False,
     )
-    return accelerator
+    if requested_engine() == "FSDP" and (cpu or not torch.cuda.is_available()):
+        from .engines.fsdp import cpu_accelerator
+
+        return cpu_accelerator(**kwargs)
+    return Accelerator(cpu=cpu, **kwargs)
 
 
 def _launched_world_size() -> int:

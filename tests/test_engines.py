@@ -1,4 +1,4 @@
-"""engines.py: what FSDP and DeepSpeed can run (refused before any training), and the DDP
+"""accel_trainer.engines: what FSDP and DeepSpeed can run (refused before any training), and the DDP
 wrapping plan; plus the trainer wiring that can be checked without GPUs or DeepSpeed."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 from accelerate.utils import DistributedType
 
 from accel_trainer import Trainer, TrainingModule
-from accel_trainer.engines import WrapperPlan, check_engine_support, engine_name, plan_wrappers
+from accel_trainer.engines import DeepSpeedEngine, WrapperPlan, check_engine_support, engine_for, engine_name, plan_wrappers
 from accel_trainer.errors import ConfigurationError
 from accel_trainer.optim import parse_configure_optimizers
 from accel_trainer.scheduling import StepTracker
@@ -296,6 +296,7 @@ def _ddp_trainer(monkeypatch, trainer_kwargs) -> Trainer:
     monkeypatch.setattr(acc_type, "distributed_type", property(lambda self: DistributedType.MULTI_CPU))
     monkeypatch.setattr(acc_type, "num_processes", property(lambda self: 2))
     trainer._automatic = True
+    trainer._engine = engine_for(trainer.accelerator)
     return trainer
 
 
@@ -405,29 +406,25 @@ class _FakeDeepSpeedAccelerator:
 
 
 def test_deepspeed_preparation_keeps_every_scheduler_ours_and_fills_the_micro_batch():
-    from accel_trainer.trainer import Trainer as T
-
     model = Regressor()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     s1 = torch.optim.lr_scheduler.StepLR(opt, 2)
     s2 = torch.optim.lr_scheduler.ReduceLROnPlateau(opt)
-    config = parse_configure_optimizers(([opt], [s1, {"scheduler": s2, "monitor": "val_loss"}]))
     acc = _FakeDeepSpeedAccelerator(_FakeDeepSpeedPlugin())
     dispatcher = torch.nn.Linear(1, 1)
-    out = T._prepare_deepspeed(types.SimpleNamespace(accelerator=acc), [dispatcher], config, loader(32, 8))
+    out = DeepSpeedEngine(acc).prepare([dispatcher], [opt], [s1, s2], loader(32, 8))
     # one prepare with the model and the optimizer only, then each scheduler on its own
     assert acc.calls == [("prepare", (dispatcher, opt)), ("prepare_scheduler", s1), ("prepare_scheduler", s2)]
-    assert out == [("engine", dispatcher), ("ds_opt", opt), ("accelerated", s1), ("accelerated", s2)]
+    assert out.wrappers == [("engine", dispatcher)] and out.optimizers == [("ds_opt", opt)]
+    assert out.schedulers == [("accelerated", s1), ("accelerated", s2)]
     assert acc.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] == 8
 
 
 def test_deepspeed_preparation_leaves_a_set_micro_batch_alone():
-    from accel_trainer.trainer import Trainer as T
-
     model = Regressor()
-    config = parse_configure_optimizers(torch.optim.SGD(model.parameters(), lr=0.1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
     acc = _FakeDeepSpeedAccelerator(_FakeDeepSpeedPlugin(micro_batch=4))
-    T._prepare_deepspeed(types.SimpleNamespace(accelerator=acc), [torch.nn.Linear(1, 1)], config, loader(32, 8))
+    DeepSpeedEngine(acc).prepare([torch.nn.Linear(1, 1)], [opt], [], loader(32, 8))
     assert acc.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] == 4
 
 
@@ -451,17 +448,3 @@ def test_step_tracker_counts_deepspeed_wrapper_steps_unless_the_engine_skipped_t
     assert "step" not in vars(wrapper)
     wrapper.step()
     assert state.optimizer_steps == [2]
-
-
-def test_resuming_under_fsdp_is_refused_with_the_way_out(tmp_path, monkeypatch):
-    import accel_trainer.checkpoint as ckpt_io
-    from accel_trainer.errors import CheckpointError
-
-    from helpers import Regressor, loader
-
-    Trainer(max_epochs=1, cpu=True, enable_progress_bar=False, default_root_dir=str(tmp_path)).fit(Regressor(), loader())
-    monkeypatch.setattr(ckpt_io, "_is_fsdp", lambda trainer: True)
-    trainer = Trainer(max_epochs=2, cpu=True, enable_progress_bar=False, default_root_dir=str(tmp_path))
-    with pytest.raises(CheckpointError, match="under FSDP is not supported yet") as info:
-        trainer.fit(Regressor(), loader(), ckpt_path="last")
-    assert "launch/multi_gpu.yaml" in str(info.value) and "load_state_dict" in str(info.value)

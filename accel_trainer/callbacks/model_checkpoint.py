@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from ..checkpoint import LAST_NAME
+from ..checkpoint import remove as remove_checkpoint
 from ..errors import ConfigurationError
 from .base import Callback
 
@@ -177,8 +178,8 @@ class ModelCheckpoint(Callback):
 
     @staticmethod
     def _remove(trainer: Any, path: str) -> None:
-        if trainer.is_global_zero and os.path.exists(path):
-            os.remove(path)
+        if trainer.is_global_zero:
+            remove_checkpoint(path)  # a file, or a sharded checkpoint's directory (FSDP)
 
     # -- state --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
