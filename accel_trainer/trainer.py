@@ -582,8 +582,12 @@ class Trainer:
         # monitoring callbacks (checkpoint, early stopping) see the epoch fully finished
         for fn in self._monitoring_epoch_end():
             fn(self, module)
-        self.should_stop = self._any_rank(self.should_stop)
+        # One collective for both flags: a preemption signal is also agreed at every epoch end,
+        # which bounds its latency when steps became slower than the poll interval assumed.
+        self.should_stop, preempt = self._any_rank_each(self.should_stop, self._preemption.requested)
         self._save_last()
+        if preempt:
+            self._preempt(None, save=False)  # last.ckpt was just written at this epoch boundary
         self._update_run_status()
         return False
 
@@ -619,11 +623,12 @@ class Trainer:
             self._preempt_agreed = self._preemption_poll.exchange(step, self._preemption.requested, self.accelerator.device)
         return self._preempt_agreed
 
-    def _preempt(self, progress: Any) -> None:
+    def _preempt(self, progress: Any, save: bool = True) -> None:
         if progress is not None:
             progress.close()
         path = os.path.join(self.checkpoint_dir, ckpt_io.LAST_NAME)
-        self.save_checkpoint(path)
+        if save:
+            self.save_checkpoint(path)
         signal_name = self._preemption.signal_name
         if self.is_global_zero:
             what = "Ctrl-C" if signal_name == "SIGINT" else f"{signal_name or 'preemption signal'} received"
@@ -643,6 +648,13 @@ class Trainer:
             return False
         self.should_stop = self._any_rank(self.should_stop)
         return self.should_stop
+
+    def _any_rank_each(self, *flags: bool) -> list[bool]:
+        """For each flag, whether any rank has it set (one collective for all of them)."""
+        if self.accelerator.num_processes == 1:
+            return [bool(f) for f in flags]
+        tensor = torch.tensor([float(f) for f in flags], device=self.accelerator.device)
+        return [v > 0 for v in self.accelerator.reduce(tensor, "sum").tolist()]
 
     def _any_rank(self, flag: bool) -> bool:
         if self.accelerator.num_processes == 1:
