@@ -1278,7 +1278,7 @@ class Trainer:
             "command": "fit",
             "step": self.state.global_step,
             "epoch": self.state.current_epoch,
-            "checkpoint": run_records.last_checkpoint(self.default_root_dir),
+            "checkpoint": run_records.last_checkpoint(os.path.abspath(self.default_root_dir)),
             "world_size": self.world_size,
         }
 
@@ -1298,6 +1298,8 @@ class Trainer:
         self._run_started = False
         try:
             record = {**self._status_fields(), **fields}
+            if record.get("checkpoint"):
+                record["checkpoint"] = os.path.abspath(record["checkpoint"])
             if status == "finished":
                 record.setdefault("exit_code", 0)
             run_records.write_run_status(self.default_root_dir, status, **record)
