@@ -83,11 +83,17 @@ def plain(value: Any) -> Any:
 
 
 def atomic_save(obj: dict[str, Any], path: str) -> None:
-    """Write ``obj`` to ``path`` so that ``path`` is always either the old or the new file."""
+    """Write ``obj`` to ``path`` so that ``path`` is always either the old or the new file.
+
+    The file gets the mode any new file of this process gets (``0o666`` less the umask), as
+    with ``open()``: ``mkstemp`` alone would leave it ``0600``, unreadable to the rest of a
+    group sharing the run directory or to the host user of a Docker-mounted ``runs/``.
+    """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".ckpt", dir=directory)
     try:
+        os.fchmod(fd, 0o666 & ~_current_umask())
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
@@ -165,6 +171,12 @@ def resolve(path: str) -> str:
     return path
 
 
+def _current_umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
+
+
 def load_checkpoint_file(path: str) -> dict[str, Any]:
     """Load a checkpoint, turning torch's low-level failures into a :class:`CheckpointError`."""
     if not os.path.isfile(path):
@@ -172,13 +184,36 @@ def load_checkpoint_file(path: str) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # the unpickler can raise almost anything on arbitrary bytes
-        raise CheckpointError(
-            f"Checkpoint {path!r} cannot be read: it is truncated or corrupt ({type(err).__name__}: {err})."
-        ) from err
+        raise CheckpointError(f"Checkpoint {path!r} cannot be read: {_why_unreadable(err)}.") from err
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
         found = checkpoint.get("format") if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise CheckpointError(f"{path!r} is not an accel_trainer checkpoint (expected format {FORMAT!r}, found {found!r}).")
     return checkpoint
+
+
+def _why_unreadable(err: Exception) -> str:
+    """What a ``torch.load(weights_only=True)`` failure means for an accel_trainer checkpoint.
+
+    torch's own message advises loading with ``weights_only=False``: wrong here, since every
+    accel_trainer checkpoint loads with ``weights_only=True``, and unsafe for a file of unknown
+    origin. So only the useful part of it is kept.
+    """
+    import re
+
+    text = str(err)
+    unsupported = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if unsupported:
+        return (
+            f"it holds a pickled {unsupported.group(1)} object, which an accel_trainer checkpoint never contains "
+            "(it holds only tensors, numbers, strings, lists and dicts): it was not written by "
+            "accel_trainer's Trainer.save_checkpoint, or it is corrupt"
+        )
+    if "zip archive" in text or "central directory" in text or isinstance(err, EOFError):
+        return "it is truncated or corrupt (not a complete torch.save archive; was it copied or written only partly?)"
+    detail = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\s*\n|$)", text, re.S)
+    first = (detail.group(1) if detail else text).strip().splitlines()
+    reason = f"{type(err).__name__}: {first[0].strip()}" if first and first[0].strip() else type(err).__name__
+    return f"it is truncated or corrupt ({reason})"
 
 
 # -- what a checkpoint holds ------------------------------------------------------------------

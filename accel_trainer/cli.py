@@ -8,6 +8,7 @@ Subcommands::
     accel-trainer plot RUN_DIR                                     # PNG curves of metrics.csv and the LRs
     accel-trainer export CKPT_OR_RUN_DIR OUT                       # consolidated weights (safetensors)
     accel-trainer lr-schedule --config configs/digits_gan.yaml --steps 2000   # the LR schedule, without training
+    accel-trainer status --config configs/digits_gan.yaml [--field status]    # the run's run_status.json
 
 ``python -m accel_trainer ...`` and ``launch/train.py ...`` (= ``fit``) are the same command.
 A config has these top-level keys (any value can be overridden with a dotted key,
@@ -31,10 +32,17 @@ What the command does, in order (every process of a launch does the same):
 3. ``optimizer`` / ``lr_scheduler``: give the module instance a ``configure_optimizers``
    (bound at run time with ``types.MethodType``) that builds them on ``self.parameters()``;
    this replaces the class's own ``configure_optimizers``, if any, with a warning.
-4. Write the resolved config to ``{trainer.default_root_dir}/config.yaml`` (main process)
-   and hand it to the trackers as ``trainer.run_config``.
+4. Hand the resolved config to the Trainer as ``trainer.run_config``: once the run really
+   starts (its checkpoint, if any, restored), the Trainer writes it to
+   ``{trainer.default_root_dir}/config.yaml`` (main process) and to the trackers. A command
+   that fails before that leaves the run directory as it was.
 5. ``fit``: resume from ``ckpt_path``, else from ``{default_root_dir}/checkpoints/last.ckpt``
-   when it exists, so re-running an interrupted command continues it.
+   when it exists, so re-running an interrupted command continues it. ``validate``/``test``
+   write their own files (``config_validate.yaml``, ``validate/metrics.csv`` ...), never the
+   training run's.
+
+Ctrl-C during ``fit`` checkpoints at the next step and exits 130 (a second Ctrl-C stops at
+once); anywhere else it stops at once with one line, exit status 130, no traceback.
 
 Under a W&B sweep (``wandb agent`` sets ``WANDB_SWEEP_ID`` and ``WANDB_RUN_ID``) each run gets
 its own directory, ``{default_root_dir}/sweeps/{sweep_id}/{run_id}``, so that the runs of a
@@ -54,7 +62,6 @@ from typing import Any, Literal, Optional, Sequence
 
 import torch
 
-from .checkpoint import exists as checkpoint_exists
 from .data import DataModule, loader_length
 from .errors import CheckpointError, ConfigurationError
 from .module import TrainingModule
@@ -62,7 +69,9 @@ from .trainer import Trainer
 
 PROG = "accel-trainer"
 RUN_COMMANDS = ("fit", "validate", "test")
+COMMANDS = (*RUN_COMMANDS, "plot", "lr-schedule", "status", "export")
 CONFIG_ERROR_EXIT = 2
+INTERRUPTED_EXIT = 130
 SCHEDULER_DICT_DEFAULTS = {
     "interval": "epoch",
     "frequency": 1,
@@ -93,6 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Like ``python -m``, let class paths name modules of the directory the command runs in.
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
+    command = argv[0] if argv and argv[0] in COMMANDS else ""
     try:
         command, parser, cfg = parse(argv)
         if command in RUN_COMMANDS:
@@ -101,12 +111,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             _plot(cfg)
         elif command == "export":
             _export(cfg)
+        elif command == "status":
+            _status(cfg)
         else:
             _lr_schedule(parser, cfg)
     except (CLIError, ConfigurationError, CheckpointError) as err:
-        command = argv[0] if argv and argv[0] in (*RUN_COMMANDS, "plot", "lr-schedule", "export") else ""
         print(f"{PROG} {command}: error: {err}".replace("  error", " error"), file=sys.stderr, flush=True)
         return CONFIG_ERROR_EXIT
+    except KeyboardInterrupt:
+        # Ctrl-C outside fit's graceful window, or a second Ctrl-C inside it: one line, not a traceback.
+        print(
+            f"\n{PROG} {command}: interrupted (Ctrl-C); stopped at once.".replace("  interrupted", " interrupted"),
+            file=sys.stderr,
+            flush=True,
+        )
+        return INTERRUPTED_EXIT
     return 0
 
 
@@ -129,6 +148,7 @@ def build_parser() -> tuple[Any, dict[str, Any]]:
         "plot": "Write PNG curves of a run's logged metrics and learning rates.",
         "lr-schedule": "Plot the learning rate each optimizer would follow, without training.",
         "export": "Write a checkpoint's module weights as one consolidated safetensors file (sharded FSDP checkpoints too).",
+        "status": "Print a run's run_status.json (running, finished, preempted or failed).",
     }
     for name in RUN_COMMANDS:
         parsers[name] = _run_parser(name, helps[name])
@@ -136,7 +156,25 @@ def build_parser() -> tuple[Any, dict[str, Any]]:
     parsers["lr-schedule"] = _run_parser("lr-schedule", helps["lr-schedule"])
     parsers["lr-schedule"].add_argument("--steps", type=int, required=True, help="global steps to simulate")
     parsers["lr-schedule"].add_argument(
-        "--out", type=Optional[str], default=None, help="PNG path (default: {trainer.default_root_dir}/lr_schedule.png)"
+        "--out", type=Optional[str], default=None,
+        help="PNG path (default: {trainer.default_root_dir}/lr_schedule.png); the table goes beside it as .csv",
+    )
+    parsers["lr-schedule"].add_argument(
+        "--plateau_from", type=Optional[str], default=None,
+        help="feed ReduceLROnPlateau: an earlier run's metrics.csv (or run directory), whose monitored column gives "
+        "the metric at each epoch end, or a number (a metric that never improves)",
+    )
+    parsers["status"] = _run_parser("status", helps["status"], module_required=False)
+    parsers["status"].add_argument(
+        "--run_dir", type=Optional[str], default=None,
+        help="the run directory (default: trainer.default_root_dir of the given config, as fit resolves it)",
+    )
+    parsers["status"].add_argument(
+        "--field", type=Optional[str], default=None, help="print only this field (e.g. status, step, checkpoint)"
+    )
+    parsers["status"].add_argument(
+        "--newer_than", type=Optional[float], default=None,
+        help="unix time: a status last written before it reads as 'none' (it belongs to an earlier job)",
     )
     parsers["export"] = _export_parser(helps["export"])
     for name, parser in parsers.items():
@@ -144,12 +182,12 @@ def build_parser() -> tuple[Any, dict[str, Any]]:
     return root, parsers
 
 
-def _run_parser(name: str, description: str) -> Any:
+def _run_parser(name: str, description: str, module_required: bool = True) -> Any:
     from jsonargparse import ActionConfigFile, ArgumentParser
 
     parser = ArgumentParser(prog=f"{PROG} {name}", description=description, exit_on_error=False, allow_abbrev=False)
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML config file (may be given several times)")
-    parser.add_subclass_arguments(TrainingModule, "module", required=True, instantiate=False,
+    parser.add_subclass_arguments(TrainingModule, "module", required=module_required, instantiate=False,
                                   help="the TrainingModule: class_path and init_args")
     parser.add_subclass_arguments(DataModule, "data", required=False, instantiate=False,
                                   help="a DataModule: class_path and init_args (optional when the module has dataloaders)")
@@ -215,6 +253,7 @@ def parse(argv: Sequence[str]) -> tuple[str, Any, Any]:
     command = cfg.subcommand
     if command not in ("plot", "export"):
         _check_lr_scheduler(cfg[command])
+        _check_untyped_init_args(cfg[command])
     return command, parsers[command], cfg[command]
 
 
@@ -231,18 +270,18 @@ def run(command: str, parser: Any, cfg: Any) -> Any:
         parser: the subcommand's parser (to dump the resolved config).
         cfg: the parsed namespace of the subcommand.
     """
+    from .run_status import last_checkpoint
+
     _apply_sweep_run_dir(cfg)
     resolved_text = _dump(parser, cfg)
     trainer, datamodule, module = build(cfg)
+    # Written by the Trainer once the run really starts (config.yaml), never by a command that fails first.
     trainer.run_config = _yaml_load(resolved_text)
     root = trainer.default_root_dir
-    if trainer.is_global_zero:
-        name = "config.yaml" if command == "fit" else f"config_{command}.yaml"
-        _atomic_write(os.path.join(root, name), resolved_text)
     if command == "fit":
         ckpt_path = cfg.ckpt_path
-        last = os.path.join(root, "checkpoints", "last.ckpt")
-        if ckpt_path is None and cfg.resume and checkpoint_exists(last):
+        last = last_checkpoint(root)
+        if ckpt_path is None and cfg.resume and last is not None:
             ckpt_path = "last"
             _say(trainer, f"Resuming from {last} (pass --resume false, or a new --trainer.default_root_dir, to start over).")
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -250,6 +289,8 @@ def run(command: str, parser: Any, cfg: Any) -> Any:
         _say(trainer, f"fit done on {trainer.world_size} process(es): epoch {trainer.current_epoch}, global_step {trainer.global_step}; {metrics}; run dir {root}")
     else:
         _load_weights(trainer, module, cfg.ckpt_path)
+        if trainer.is_global_zero:
+            _atomic_write(os.path.join(root, f"config_{command}.yaml"), resolved_text)
         results = getattr(trainer, command)(module, datamodule=datamodule)
         if trainer.is_global_zero:
             for key, value in sorted(results[0].items()):
@@ -314,10 +355,12 @@ def _load_weights(trainer: Trainer, module: TrainingModule, ckpt_path: str | Non
     """validate/test: weights from ``ckpt_path``, else the run's ``last.ckpt``, else as built."""
     from .checkpoint import load_weights
 
+    from .run_status import last_checkpoint
+
     path = ckpt_path
     if path is None or path == "last":
         last = os.path.join(trainer.default_root_dir, "checkpoints", "last.ckpt")
-        if checkpoint_exists(last):
+        if last_checkpoint(trainer.default_root_dir) is not None:
             path = last
         elif path == "last":
             raise CLIError(f"ckpt_path='last' but {last} does not exist (train first with `{PROG} fit`).")
@@ -365,8 +408,34 @@ def _plot(cfg: Any) -> None:
         print(path)
 
 
+def _status(cfg: Any) -> None:
+    import json
+
+    from .run_status import read_run_status
+
+    if cfg.run_dir is not None:
+        run_dir = cfg.run_dir
+    elif cfg.module is not None:
+        _apply_sweep_run_dir(cfg)
+        run_dir = os.fspath(cfg.trainer.default_root_dir)
+    else:
+        raise CLIError(
+            "status needs the run: --run_dir DIR, or the same --config (and overrides) as the fit command, whose "
+            "trainer.default_root_dir is the run directory."
+        )
+    record = read_run_status(run_dir)
+    if record is None or (cfg.newer_than is not None and float(record.get("updated_unix", 0)) < cfg.newer_than):
+        record = {"status": "none"}
+    record["run_dir"] = os.path.abspath(run_dir)
+    if cfg.field is None:
+        print(json.dumps(record, sort_keys=False))
+    else:
+        value = record.get(cfg.field)
+        print("" if value is None else value)
+
+
 def _lr_schedule(parser: Any, cfg: Any) -> None:
-    from .lr_schedule import plot_lr_schedule, simulate_lr_schedule
+    from .lr_schedule import plateau_metric_from, plot_lr_schedule, simulate_lr_schedule, write_lr_schedule_csv
 
     if cfg.steps < 1:
         raise CLIError(f"--steps={cfg.steps} is not allowed: expected an int >= 1.")
@@ -385,13 +454,24 @@ def _lr_schedule(parser: Any, cfg: Any) -> None:
     limit = cfg.trainer.limit_train_batches
     if batches is not None and limit is not None:
         batches = min(batches, limit) if isinstance(limit, int) else max(1, int(batches * limit))
+    plateau = plateau_metric_from(cfg.plateau_from) if cfg.plateau_from is not None else None
     schedule = simulate_lr_schedule(
         module, cfg.steps, batches_per_epoch=batches,
         gradient_accumulation_steps=cfg.trainer.gradient_accumulation_steps,
+        plateau_metric=plateau,
     )
+    for skipped in schedule.skipped:
+        hint = "" if plateau is not None else (
+            " Feed it with --plateau_from RUN_DIR/metrics.csv (the monitored column of an earlier run) or "
+            "--plateau_from VALUE (a constant: a metric that stopped improving)."
+        )
+        print(f"{PROG} lr-schedule: note: not simulated: {skipped}.{hint}", file=sys.stderr, flush=True)
+    for note in schedule.notes:
+        print(f"{PROG} lr-schedule: note: {note}.", file=sys.stderr, flush=True)
     out = cfg.out or os.path.join(os.fspath(cfg.trainer.default_root_dir), "lr_schedule.png")
     title = f"{type(module).__name__}: simulated learning rates ({cfg.steps} steps, {batches or 'endless'} batches/epoch)"
     print(plot_lr_schedule(schedule, out, title=title))
+    print(write_lr_schedule_csv(schedule, os.path.splitext(out)[0] + ".csv"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -531,6 +611,66 @@ def _check_lr_scheduler(cfg: Any) -> None:
     section.init_args = {k: v for k, v in vars(parsed.lr_scheduler.init_args).items()}
 
 
+def _check_untyped_init_args(cfg: Any) -> None:
+    """Type-check ``__init__`` arguments that have no type hint against their default's type.
+
+    jsonargparse accepts any value for an unannotated parameter, so ``g_lr=0.01`` took
+    ``--module.init_args.g_lr fast`` and failed much later with a raw ``TypeError``. A
+    bool/int/float/str default says what was meant: that type is checked here (an int for a
+    float default becomes a float; a number for a str default its text). A default of None,
+    or any other type, still accepts anything.
+    """
+    for key in ("module", "data"):
+        spec = cfg.get(key) if hasattr(cfg, "get") else getattr(cfg, key, None)
+        if spec is None or _get(spec, "class_path") is None:
+            continue
+        cls = _try_import(_get(spec, "class_path"))
+        init_args = _get(spec, "init_args")
+        if cls is None or init_args is None:
+            continue
+        try:
+            params = inspect.signature(cls).parameters
+        except (TypeError, ValueError):
+            continue
+        for name, param in params.items():
+            default = param.default
+            if param.annotation is not inspect.Parameter.empty or type(default) not in (bool, int, float, str):
+                continue
+            value = _get(init_args, name)
+            if value is None or value is default:
+                continue
+            fixed = _coerce_like(value, default)
+            if fixed is _MISMATCH:
+                raise CLIError(
+                    f"{key}.init_args.{name}: received {_show(value)}; allowed: {type(default).__name__} (inferred from "
+                    f"the default {name}={default!r} of {cls.__name__}, which has no type hint; annotate the parameter "
+                    "to allow another type)."
+                )
+            if fixed is not value:
+                if isinstance(init_args, dict):
+                    init_args[name] = fixed
+                else:
+                    setattr(init_args, name, fixed)
+
+
+_MISMATCH = object()
+
+
+def _coerce_like(value: Any, default: Any) -> Any:
+    """``value`` as the type of ``default`` (bool, int, float or str), or ``_MISMATCH``."""
+    if isinstance(default, bool):
+        return value if isinstance(value, bool) else _MISMATCH
+    if isinstance(value, bool):
+        return _MISMATCH  # True for a number or a name is a mistake, not a value
+    if isinstance(default, int):
+        return value if isinstance(value, int) else _MISMATCH
+    if isinstance(default, float):
+        return float(value) if isinstance(value, (int, float)) else _MISMATCH
+    if isinstance(value, str):
+        return value
+    return str(value) if isinstance(value, (int, float)) else _MISMATCH
+
+
 def _scheduler_spec(section: Any) -> dict | None:
     if section is None or section.class_path is None:
         return None
@@ -576,6 +716,11 @@ def _summarise(message: str, parser: Any) -> str | None:
         value = unknown.group(2) if unknown.lastindex and unknown.lastindex >= 2 else None
         if "=" in key:
             key, value = key.split("=", 1)
+        top = key.split(".")[0]
+        sections = [k for k in _parser_keys(parser, "") if k != "config"]
+        if "." in key and top not in sections:
+            # an unknown top-level section (trainr:): name it, not the keys under it
+            return _unknown_key(top, None, sections, "") + f" (It holds {key}.)"
         return _unknown_key(key, value, _parser_keys(parser, key.rpartition(".")[0]), key.rpartition(".")[0])
     head = re.match(r'\s*Parser key "([^"]+)":\s*(.*)', message, re.S)
     if not head:
@@ -625,6 +770,9 @@ def _unknown_key(key: str, value: Any, allowed: list[str], where: str) -> str:
 
 def _bad_class(key: str, class_path: Any, reason: str) -> str:
     base = _BASES.get(key, "the expected base class")
+    broken = _import_failure(class_path) if isinstance(class_path, str) else None
+    if broken:
+        return f"{key}.class_path: received {_show(class_path)}, but {broken}. Fix that module, then run again."
     suggestion = ""
     if isinstance(class_path, str) and "." in class_path:
         candidates = _classes_in(class_path.rpartition(".")[0], _try_import(base) if base in _BASES.values() else None)
@@ -737,6 +885,38 @@ def _describe_type(hint: Any) -> str:
     if origin is not None:
         return str(hint).replace("typing.", "")
     return getattr(hint, "__name__", str(hint))
+
+
+def _import_failure(class_path: str) -> str | None:
+    """Why importing ``class_path``'s module fails inside the user's own code, or None.
+
+    None means the module or class simply does not exist (the usual "allowed: ..." message
+    fits). Anything else -- a SyntaxError, an import the module itself makes that fails, an
+    exception raised at import time -- is the real cause, and is named with its file and line.
+    """
+    import importlib
+    import traceback
+
+    parts = class_path.split(".")
+    for split in range(len(parts) - 1, 0, -1):
+        name = ".".join(parts[:split])
+        try:
+            importlib.import_module(name)
+            return None
+        except ModuleNotFoundError as err:
+            if err.name and name.startswith(err.name):
+                continue  # this prefix is not a module: try a shorter one (Outer.Inner classes)
+            return f"importing {name} failed: ModuleNotFoundError: {err}"
+        except SyntaxError as err:
+            where = f"{err.filename}, line {err.lineno}" if err.filename else f"line {err.lineno}"
+            text = f": {err.text.strip()}" if err.text and err.text.strip() else ""
+            return f"importing {name} failed: {type(err).__name__}: {err.msg} ({where}){text}"
+        except Exception as err:
+            frames = traceback.extract_tb(err.__traceback__)
+            user = [f for f in frames if "importlib" not in f.filename]
+            where = f" ({user[-1].filename}, line {user[-1].lineno})" if user else ""
+            return f"importing {name} failed: {type(err).__name__}: {err}{where}"
+    return None
 
 
 def _try_import(class_path: str) -> Any:

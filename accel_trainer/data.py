@@ -32,12 +32,15 @@ class DataModule:
         """Release what ``setup`` built."""
 
     def train_dataloader(self) -> Any:
+        """The training dataloader ``fit`` uses (after ``setup("fit")``)."""
         return None
 
     def val_dataloader(self) -> Any:
+        """The validation dataloader(s) of ``fit`` and ``validate`` (None: no validation)."""
         return None
 
     def test_dataloader(self) -> Any:
+        """The test dataloader(s) of ``test``."""
         return None
 
 

@@ -43,9 +43,13 @@ class CSVTracker(GeneralTracker):
 
     New metric names add columns; the file is rewritten with the wider header when that
     happens, so it stays loadable by any CSV reader (as Lightning's ``CSVLogger`` does).
-    Appends to an existing file, so a resumed run continues the same table. Images sent
-    with :func:`log_image` are listed in ``images.csv`` (arrays are first saved as PNGs
-    under ``images/``).
+    Appends to an existing file, so a resumed run continues the same table; the trainer
+    first cuts it back to the rows logged before the checkpoint it resumes from
+    (:meth:`truncate`), so no step appears twice. Images sent with :func:`log_image` are
+    listed in ``images.csv`` (arrays are first saved as PNGs under ``images/``).
+
+    Attributes:
+        rows: data rows in ``metrics.csv`` (those found at ``start`` plus those logged since).
     """
 
     name = "csv"
@@ -59,6 +63,7 @@ class CSVTracker(GeneralTracker):
         self.metrics_path = os.path.join(self.logging_dir, "metrics.csv")
         self.images_path = os.path.join(self.logging_dir, "images.csv")
         self._columns: list[str] = []
+        self.rows = 0
 
     @property
     def tracker(self) -> "CSVTracker":
@@ -68,8 +73,33 @@ class CSVTracker(GeneralTracker):
         os.makedirs(self.logging_dir, exist_ok=True)
         if os.path.exists(self.metrics_path):
             with open(self.metrics_path, newline="") as f:
-                header = next(csv.reader(f), [])
-            self._columns = header
+                reader = csv.reader(f)
+                self._columns = next(reader, [])
+                self.rows = sum(1 for _ in reader)
+
+    def truncate(self, keep_rows: int | None, max_step: int) -> int:
+        """Drop the rows logged after a checkpoint; returns how many were dropped.
+
+        Args:
+            keep_rows: the number of rows the table had when the checkpoint was written
+                (rows are appended in order, so the first ``keep_rows`` are exactly those
+                logged before it); None when unknown.
+            max_step: the checkpoint's ``global_step``: with ``keep_rows`` unknown, rows at a
+                later step are dropped (rows at that very step are kept).
+        """
+        if not os.path.exists(self.metrics_path):
+            return 0
+        with open(self.metrics_path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        if keep_rows is not None and 0 <= keep_rows <= len(rows):
+            kept = rows[:keep_rows]
+        else:
+            kept = [r for r in rows if not _after_step(r.get("step"), max_step)]
+        if len(kept) == len(rows):
+            return 0
+        self._write(self._columns, kept)
+        self.rows = len(kept)
+        return len(rows) - len(kept)
 
     def store_init_configuration(self, values: dict, merge: bool = False) -> None:
         """Write ``hparams.json`` (``merge=True`` adds to the keys already there)."""
@@ -88,6 +118,7 @@ class CSVTracker(GeneralTracker):
             self._rewrite_with(self._columns + new)
         with open(self.metrics_path, "a", newline="") as f:
             csv.DictWriter(f, fieldnames=self._columns).writerow(row)
+        self.rows += 1
 
     def log_image(self, key: str, image: Any, step: int | None = None) -> str:
         """Record ``image`` (a PNG path, or an array saved as one) in ``images.csv``; returns its path."""
@@ -111,6 +142,9 @@ class CSVTracker(GeneralTracker):
         if os.path.exists(self.metrics_path):
             with open(self.metrics_path, newline="") as f:
                 rows = list(csv.DictReader(f))
+        self._write(columns, rows)
+
+    def _write(self, columns: list[str], rows: list[dict]) -> None:
         tmp = self.metrics_path + ".tmp"
         with open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=columns)
@@ -121,6 +155,13 @@ class CSVTracker(GeneralTracker):
 
     def finish(self) -> None:
         pass
+
+
+def _after_step(cell: Any, step: int) -> bool:
+    try:
+        return int(float(cell)) > step
+    except (TypeError, ValueError):
+        return False
 
 
 class WandbTracker(WandBTracker):

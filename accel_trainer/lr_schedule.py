@@ -10,18 +10,30 @@ same :class:`~accel_trainer.scheduling.StepTracker` (warm-up, real-step counting
 counters, with every optimizer's ``step`` replaced by a no-op that only counts. No batch,
 no forward, no gradient.
 
-``accel-trainer lr-schedule --config CONFIG --steps N`` calls it and :func:`plot_lr_schedule`.
+``ReduceLROnPlateau`` steps on a metric that only training produces. A simulation feeds it
+what :func:`plateau_metric_from` builds from ``--plateau_from``: a constant, or the monitored
+column of an earlier run's ``metrics.csv`` (:class:`MetricsHistory`) -- fed the run's own
+history, the simulation reproduces the learning rates that run logged. Without either, the
+plateau scheduler is left out, and the result says so (``skipped``), as the command does on
+the terminal and on the plot.
+
+``accel-trainer lr-schedule --config CONFIG --steps N [--plateau_from RUN/metrics.csv | VALUE]``
+calls it, :func:`plot_lr_schedule` and :func:`write_lr_schedule_csv`.
 """
 
 from __future__ import annotations
 
 import bisect
 import copy
+import csv
 import itertools
+import math
 import os
 import warnings
 from types import SimpleNamespace
 from typing import Any, Callable, Mapping
+
+import textwrap
 
 import torch
 
@@ -44,7 +56,9 @@ class LRSchedule(dict):
         epoch_starts: the global steps at which epochs 1, 2, ... start (empty without
             ``batches_per_epoch``).
         skipped: descriptions of schedulers that were not simulated (plateau schedulers
-            without ``plateau_metric``).
+            without ``plateau_metric``, or past the end of the metric's history).
+        notes: what each simulated plateau scheduler was fed (``"... stepped on val_acc from
+            runs/x/metrics.csv (epochs 0-29)"``).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -52,6 +66,7 @@ class LRSchedule(dict):
         self.real_steps: dict[str, list[int]] = {}
         self.epoch_starts: list[int] = []
         self.skipped: list[str] = []
+        self.notes: list[str] = []
 
 
 def simulate_lr_schedule(
@@ -78,8 +93,11 @@ def simulate_lr_schedule(
         gradient_accumulation_steps: as the Trainer argument (the last, partial window of an
             epoch also steps).
         plateau_metric: for ``ReduceLROnPlateau``: ``f(epoch) -> value`` of the monitored metric
-            at the end of ``epoch`` (0-based), or ``{monitor_name: f}``. ``None``: plateau
-            schedulers are not stepped (listed in ``result.skipped``; warm-up still applies).
+            at the end of ``epoch`` (0-based), or ``{monitor_name: f}`` (e.g. a
+            :class:`MetricsHistory`, or :func:`plateau_metric_from`'s result). ``f`` returning
+            None means "unknown from here on": the plateau scheduler stops being stepped (noted in
+            ``result.skipped``). ``None``: plateau schedulers are not stepped (listed in
+            ``result.skipped``; warm-up still applies).
         copy_module: call ``configure_optimizers`` and ``optimizer_step`` on a deep copy, so
             the module is left untouched. ``False`` uses the module itself (no copy of a large
             model; its ``trainer`` is restored afterwards).
@@ -122,12 +140,19 @@ def simulate_lr_schedule(
     return result
 
 
-def plot_lr_schedule(schedule: Mapping[str, list[float]], path: str | os.PathLike, title: str | None = None) -> str:
+def plot_lr_schedule(
+    schedule: Mapping[str, list[float]],
+    path: str | os.PathLike,
+    title: str | None = None,
+    notes: list[str] | None = None,
+) -> str:
     """Plot a :func:`simulate_lr_schedule` result to a PNG; returns the path.
 
     One panel per optimizer param group (learning rates of different optimizers often differ
     by orders of magnitude), learning rate vs global step, dots at the steps where the
-    optimizer really stepped, dotted lines at epoch starts.
+    optimizer really stepped, dotted lines at epoch starts. ``notes`` (default: the
+    schedule's ``skipped`` and ``notes``) are printed under the panels, so a plateau scheduler
+    left out of the simulation is visible on the picture, not only on the terminal.
     """
     from .plotting import _pyplot
 
@@ -141,7 +166,13 @@ def plot_lr_schedule(schedule: Mapping[str, list[float]], path: str | os.PathLik
     real_steps = getattr(schedule, "real_steps", {}) or {}
     epoch_starts = getattr(schedule, "epoch_starts", []) or []
     names = list(schedule)
-    fig, axes = plt.subplots(len(names), 1, figsize=(8.5, 2.6 * len(names) + 0.8), sharex=True, squeeze=False)
+    if notes is None:
+        notes = [f"not simulated: {s}" for s in getattr(schedule, "skipped", [])] + list(getattr(schedule, "notes", []))
+    wrapped = [textwrap.fill(n, 110, subsequent_indent="    ") for n in notes]
+    note_lines = sum(w.count("\n") + 1 for w in wrapped)
+    fig, axes = plt.subplots(
+        len(names), 1, figsize=(8.5, 2.6 * len(names) + 0.8 + 0.17 * note_lines), sharex=True, squeeze=False
+    )
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for k, (ax, name) in enumerate(zip(axes[:, 0], names)):
         lrs = schedule[name]
@@ -171,10 +202,157 @@ def plot_lr_schedule(schedule: Mapping[str, list[float]], path: str | os.PathLik
         ax.legend(fontsize="small", loc="best")
     axes[-1, 0].set_xlabel("global step")
     fig.suptitle(title or "Simulated learning-rate schedule (no training)")
-    fig.tight_layout()
+    if wrapped:
+        height = fig.get_figheight()
+        bottom = (0.17 * note_lines + 0.25) / height
+        fig.tight_layout(rect=(0, bottom, 1, 1))
+        fig.text(0.01, 0.01, "\n".join(wrapped), fontsize="small", va="bottom", ha="left", color="darkred")
+    else:
+        fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def write_lr_schedule_csv(schedule: Mapping[str, list[float]], path: str | os.PathLike) -> str:
+    """The schedule as a table: ``step`` and one column per optimizer param group; returns the path.
+
+    The columns are the names ``LearningRateMonitor`` logs, so the table compares directly
+    with a run's ``metrics.csv``.
+    """
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    names = list(schedule)
+    length = max((len(v) for v in schedule.values()), default=0)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["step", *names])
+        for step in range(length):
+            writer.writerow([step, *(repr(schedule[n][step]) if step < len(schedule[n]) else "" for n in names)])
+    return path
+
+
+# -- what a plateau scheduler is fed ----------------------------------------------------------------
+class ConstantMetric:
+    """``f(epoch) -> value`` for every epoch: what a plateau scheduler does when the metric stalls."""
+
+    def __init__(self, value: float) -> None:
+        self.value = float(value)
+
+    def __call__(self, epoch: int) -> float:
+        return self.value
+
+    def describe(self, monitor: str) -> str:
+        return f"a constant {monitor}={self.value:g} (a metric that never improves)"
+
+
+class MetricsHistory(Mapping):
+    """``{monitor: f(epoch)}`` from an earlier run's ``metrics.csv``.
+
+    ``f(e)`` is the monitor's value at the end of epoch ``e`` as that run logged it (the
+    last value logged during the epoch; an epoch without one carries the previous value, as
+    ``trainer.callback_metrics`` does), and None past the last epoch the file records. A
+    row's epoch is its ``epoch`` cell, or, for rows written without one, the epoch of the
+    rows logged at the same step.
+
+    Args:
+        path: a ``metrics.csv``, or a run directory holding one.
+
+    Raises:
+        ConfigurationError: no such file, or (on lookup) no such column.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            path = os.path.join(path, "metrics.csv")
+        if not os.path.isfile(path):
+            raise ConfigurationError(
+                f"plateau_from={path!r}: no such file. Expected the metrics.csv of an earlier run (or its run "
+                "directory), or a number to feed the plateau scheduler a constant."
+            )
+        self.path = path
+        with open(path, newline="") as f:
+            self._rows = list(csv.DictReader(f))
+        self.columns = [c for c in (self._rows[0].keys() if self._rows else []) if c not in ("step", "epoch")]
+        self._cache: dict[str, dict[int, float]] = {}
+
+    def __getitem__(self, monitor: str) -> Callable[[int], float | None]:
+        by_epoch = self._by_epoch(monitor)
+        last = max(by_epoch) if by_epoch else -1
+
+        def value_at(epoch: int) -> float | None:
+            if epoch > last:
+                return None
+            known = [e for e in by_epoch if e <= epoch]
+            return by_epoch[max(known)] if known else None
+
+        value_at.source = self.describe(monitor)  # type: ignore[attr-defined]
+        return value_at
+
+    def __iter__(self):
+        return iter(self.columns)
+
+    def __len__(self) -> int:
+        return len(self.columns)
+
+    def __contains__(self, monitor: object) -> bool:
+        return isinstance(monitor, str)  # every lookup answers, or names the missing column
+
+    def describe(self, monitor: str) -> str:
+        by_epoch = self._by_epoch(monitor)
+        span = f"epochs {min(by_epoch)}-{max(by_epoch)}" if by_epoch else "no epochs"
+        return f"{monitor} from {self.path} ({span})"
+
+    def _by_epoch(self, monitor: str) -> dict[int, float]:
+        if monitor in self._cache:
+            return self._cache[monitor]
+        if monitor not in self.columns:
+            raise ConfigurationError(
+                f"plateau_from={self.path!r} has no column {monitor!r}, the metric the plateau scheduler monitors. "
+                f"Columns: {self.columns}."
+            )
+        epoch_at_step: dict[int, int] = {}
+        for row in self._rows:
+            step, epoch = _number(row.get("step")), _number(row.get("epoch"))
+            if step is not None and epoch is not None:
+                epoch_at_step.setdefault(int(step), int(epoch))
+        values: dict[int, float] = {}
+        last_epoch = None
+        for row in self._rows:
+            step, epoch, value = _number(row.get("step")), _number(row.get("epoch")), _number(row.get(monitor))
+            if epoch is None and step is not None:
+                epoch = epoch_at_step.get(int(step), last_epoch)
+            if epoch is not None:
+                last_epoch = int(epoch)
+            if value is not None and epoch is not None:
+                values[int(epoch)] = value  # the last value of the epoch wins, as in callback_metrics
+        self._cache[monitor] = values
+        return values
+
+
+def plateau_metric_from(source: Any) -> Any:
+    """What ``accel-trainer lr-schedule --plateau_from`` accepts: a number, or a metrics.csv / run directory.
+
+    Returns a :class:`ConstantMetric` or a :class:`MetricsHistory` for ``simulate_lr_schedule(plateau_metric=...)``.
+    """
+    if isinstance(source, (int, float)) and not isinstance(source, bool):
+        return ConstantMetric(source)
+    text = os.fspath(source)
+    try:
+        return ConstantMetric(float(text))
+    except ValueError:
+        return MetricsHistory(text)
+
+
+def _number(cell: Any) -> float | None:
+    if cell is None or cell == "":
+        return None
+    try:
+        value = float(cell)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
 
 
 # -- the simulation ---------------------------------------------------------------------------------
@@ -239,6 +417,12 @@ class _Simulation:
             for i, cfg in enumerate(config.schedulers)
             if cfg.reduce_on_plateau and plateau_metric is None
         ]
+        self.notes = [
+            f"scheduler {i} ({type(cfg.scheduler).__name__} of optimizer {cfg.opt_idx}) stepped on "
+            f"{_describe_source(plateau_metric, cfg.monitor)}"
+            for i, cfg in enumerate(config.schedulers)
+            if cfg.reduce_on_plateau and plateau_metric is not None
+        ]
         runnable = [c for c in config.schedulers if not (c.reduce_on_plateau and plateau_metric is None)]
         # The trainer's own rules: when a step counts, the warm-up factor, when schedulers step.
         self.runner = SchedulerRunner(runnable, n_opt, module.lr_scheduler_step, lambda: self.metrics)
@@ -277,6 +461,8 @@ class _Simulation:
             for name in names:
                 result[name], result.real_steps[name] = [], []
         result.skipped = list(self.skipped)
+        result.notes = list(self.notes)
+        self._result = result
         closure = _no_closure
         while state.global_step < steps:
             batch_idx = 0
@@ -321,12 +507,21 @@ class _Simulation:
         metric = self._plateau_metric
         if metric is None:
             return
-        for cfg in self.config.schedulers:
-            if cfg.reduce_on_plateau:
+        for i, cfg in enumerate(self.config.schedulers):
+            if cfg.reduce_on_plateau and cfg in self.runner.epoch_schedulers:
                 fn = metric.get(cfg.monitor) if isinstance(metric, Mapping) else metric
                 if fn is None:
                     continue  # SchedulerRunner then reports the missing monitor as the trainer would
-                self.metrics[cfg.monitor] = float(fn(epoch))
+                value = fn(epoch)
+                if value is None:  # past the end of the metric's history: stop guessing
+                    self.runner.epoch_schedulers.remove(cfg)
+                    self._result.skipped.append(
+                        f"scheduler {i} ({type(cfg.scheduler).__name__} of optimizer {cfg.opt_idx}): "
+                        f"{cfg.monitor!r} is not known after epoch {epoch - 1}, so it is not stepped from then on"
+                    )
+                    continue
+                # a float32 tensor, as the trainer's callback_metrics hold: the same comparisons, bit for bit
+                self.metrics[cfg.monitor] = torch.tensor(float(value))
 
     def close(self) -> None:
         self.tracker.remove()
@@ -343,6 +538,17 @@ _ABSENT = object()
 def _no_closure() -> torch.Tensor:
     # The real closure re-runs training_step; a simulation has no loss to compute.
     return torch.zeros(())
+
+
+def _describe_source(metric: Any, monitor: str) -> str:
+    describe = getattr(metric, "describe", None)
+    if callable(describe):
+        return describe(monitor)
+    if isinstance(metric, Mapping):
+        fn = metric.get(monitor)
+        source = getattr(fn, "source", None)
+        return source or f"{monitor} from plateau_metric[{monitor!r}]"
+    return f"{monitor} from the plateau_metric function"
 
 
 def _lr_names(config: OptimizationConfig) -> list[list[str]]:

@@ -84,6 +84,10 @@ class MetricCollector:
         self._batch_size: int | None = None
         self.callback_metrics: dict[str, torch.Tensor] = {}
         self.progress_bar_metrics: dict[str, Any] = {}
+        #: for progress-bar values that are epoch values: the training epoch they were computed in
+        self.progress_bar_epochs: dict[str, int] = {}
+        #: the training epoch under way (set by the trainer)
+        self.epoch = 0
         self.logged_metrics: dict[str, float] = {}
 
     # -- context set by the trainer ---------------------------------------------------------
@@ -183,6 +187,7 @@ class MetricCollector:
             self.callback_metrics[entry.name] = entry.step_value
         if entry.prog_bar:
             self.progress_bar_metrics[entry.name] = entry.step_value
+            self.progress_bar_epochs.pop(entry.name, None)
 
     # -- step flush -----------------------------------------------------------------------------
     def step_values_for_loggers(self, stage: str, reduce: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
@@ -289,6 +294,7 @@ class MetricCollector:
             self.callback_metrics[entry.name + "_epoch"] = tensor
         if entry.prog_bar:
             self.progress_bar_metrics[entry.name] = tensor
+            self.progress_bar_epochs[entry.name] = self.epoch
         if entry.logger:
             results[entry.name + "_epoch" if entry.on_step else entry.name] = value
 

@@ -68,6 +68,7 @@ class TrainingModule(torch.nn.Module):
     # -- trainer-backed views -------------------------------------------------------------------
     @property
     def trainer(self) -> "Trainer | None":
+        """The :class:`Trainer` running this module (None outside a run)."""
         return self._trainer
 
     @trainer.setter
@@ -76,14 +77,17 @@ class TrainingModule(torch.nn.Module):
 
     @property
     def current_epoch(self) -> int:
+        """``trainer.current_epoch``: the epoch being trained, 0-based (0 outside a run)."""
         return self._trainer.current_epoch if self._trainer is not None else 0
 
     @property
     def global_step(self) -> int:
+        """``trainer.global_step``: accumulation boundaries so far, the same on every rank (0 outside a run)."""
         return self._trainer.global_step if self._trainer is not None else 0
 
     @property
     def device(self) -> torch.device:
+        """The device of the module's parameters (else buffers, else the trainer's)."""
         for p in self.parameters():
             return p.device
         for b in self.buffers():
@@ -95,6 +99,7 @@ class TrainingModule(torch.nn.Module):
     # -- hyperparameters --------------------------------------------------------------------------
     @property
     def hparams(self) -> AttributeDict:
+        """Hyperparameters read as attributes (``self.hparams.lr``); assign a dict or ``argparse.Namespace``, or call ``save_hyperparameters()``."""
         return self._hparams
 
     @hparams.setter
@@ -137,7 +142,7 @@ class TrainingModule(torch.nn.Module):
         reduce_fx: Any = "mean",
         batch_size: int | None = None,
     ) -> None:
-        """Record a metric.
+        """Record a metric: a number, a scalar tensor or a ``torchmetrics.Metric``, for the trackers, the progress bar (``prog_bar``) and callbacks (``trainer.callback_metrics``).
 
         In ``training_step`` the defaults are ``on_step=True, on_epoch=False``; in
         ``validation_step``/``test_step`` and epoch-end hooks ``on_step=False, on_epoch=True``.
@@ -180,14 +185,26 @@ class TrainingModule(torch.nn.Module):
 
     # -- the steps ------------------------------------------------------------------------------
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        """Return the loss (a scalar tensor), a dict with ``"loss"``, or ``None`` to skip."""
+        """Return the loss (a scalar tensor), a dict with ``"loss"``, or ``None`` to skip.
+
+        Called as ``training_step(batch, batch_idx, optimizer_idx)``; ``optimizer_idx`` is passed
+        only when there is more than one optimizer.
+        """
         raise NotImplementedError(f"{type(self).__name__} must implement training_step(batch, batch_idx).")
 
     def validation_step(self, *args: Any, **kwargs: Any) -> Any:
-        """Log validation metrics with ``self.log``; a returned scalar becomes ``val_loss``."""
+        """Log validation metrics with ``self.log``; a returned scalar becomes ``val_loss``.
+
+        Called as ``validation_step(batch, batch_idx, dataloader_idx)``; ``dataloader_idx`` is
+        passed only when there is more than one validation dataloader.
+        """
 
     def test_step(self, *args: Any, **kwargs: Any) -> Any:
-        """Log test metrics with ``self.log``; a returned scalar becomes ``test_loss``."""
+        """Log test metrics with ``self.log``; a returned scalar becomes ``test_loss``.
+
+        Called as ``test_step(batch, batch_idx, dataloader_idx)``; ``dataloader_idx`` is passed
+        only when there is more than one test dataloader.
+        """
 
     def configure_optimizers(self) -> Any:
         """Return the optimizers and schedulers, in any form of CONTRACT.md."""

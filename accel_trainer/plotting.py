@@ -100,12 +100,21 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
         path = os.path.join(out_dir, "metrics.png")
         _plot_families(plt, series, families, epoch_starts, f"{title}: logged metrics", path)
         written.append(path)
-    lr_names = sorted(n for n in series if _LR_COLUMN.match(n))
+    lr_names = sorted(lr_columns(series))
     if lr_names:
         path = os.path.join(out_dir, "lr.png")
         _plot_lrs(plt, series, lr_names, epoch_starts, f"{title}: learning rate per optimizer", path)
         written.append(path)
     return written
+
+
+def lr_columns(names: Any) -> list[str]:
+    """The learning-rate columns among ``names`` (``LearningRateMonitor``'s ``lr-*`` and ``lr/*``), in order.
+
+    Tools that compare learning rates find them through this rather than by exact names,
+    which follow the optimizers and the monitor's naming rules.
+    """
+    return [n for n in names if n is not None and _LR_COLUMN.match(n)]
 
 
 def metric_families(names: list[str]) -> dict[str, list[str]]:

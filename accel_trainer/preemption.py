@@ -1,46 +1,72 @@
-"""Checkpoint-and-exit on SIGTERM / SIGUSR1, the signals Slurm and cloud schedulers send.
+"""Checkpoint-and-exit on SIGTERM / SIGUSR1 (what Slurm and cloud schedulers send) and on Ctrl-C.
 
 The handler only sets a flag; the trainer acts on it at the next accumulation boundary,
 once every rank has seen it, so all ranks stop after the same step and write one
 consistent checkpoint. The process then exits with :data:`PREEMPTION_EXIT_CODE`
 (75, ``EX_TEMPFAIL``: "temporary failure, try again"), and running the same command
 again resumes from ``checkpoints/last.ckpt``.
+
+Ctrl-C (SIGINT) is the same graceful stop, started by a person: the first one prints one
+line and the run checkpoints at the next step boundary, then exits with
+:data:`INTERRUPT_EXIT_CODE` (130, the shell's code for a SIGINT). A second Ctrl-C stops at
+once (``KeyboardInterrupt``, no checkpoint), for a step that never ends.
 """
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import threading
 from typing import Any
 
 PREEMPTION_EXIT_CODE = 75
+INTERRUPT_EXIT_CODE = 130
 PREEMPTION_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s is not None)
 
 
-class Preempted(SystemExit):
-    """Raised (with exit code 75) after the preemption checkpoint is written."""
+def exit_code_for(signal_name: str | None) -> int:
+    """130 after a Ctrl-C (SIGINT), 75 after any other preemption signal."""
+    return INTERRUPT_EXIT_CODE if signal_name == "SIGINT" else PREEMPTION_EXIT_CODE
 
-    def __init__(self, checkpoint_path: str) -> None:
-        super().__init__(PREEMPTION_EXIT_CODE)
+
+class Preempted(SystemExit):
+    """Raised after the preemption checkpoint is written (exit code 75, or 130 after Ctrl-C)."""
+
+    def __init__(self, checkpoint_path: str, signal_name: str | None = None) -> None:
+        super().__init__(exit_code_for(signal_name))
         self.checkpoint_path = checkpoint_path
+        self.signal_name = signal_name
 
     def __str__(self) -> str:
         return f"preempted: checkpoint written to {self.checkpoint_path}; rerun the same command to resume"
 
 
 class PreemptionWatcher:
-    """Turns the preemption signals into a flag for the duration of a ``fit``."""
+    """Turns the preemption signals and a first Ctrl-C into a flag for the duration of a ``fit``.
 
-    def __init__(self) -> None:
+    Args:
+        announce: print the one-line notice on the first Ctrl-C (the main process only, so
+            that N ranks do not print it N times).
+    """
+
+    def __init__(self, announce: bool = True) -> None:
         self.requested = False
         self.signal_name: str | None = None
+        self.announce = announce
         self._previous: dict[int, Any] = {}
+        self._pid = os.getpid()
 
     def install(self) -> None:
+        self._pid = os.getpid()
         if threading.current_thread() is not threading.main_thread():
             return  # signal handlers can only be set from the main thread
         for sig in PREEMPTION_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
+        # A SIGINT that the parent set to be ignored (a background job of a non-interactive
+        # shell) stays ignored, as Python itself does.
+        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+            self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._handle_interrupt)
 
     def uninstall(self) -> None:
         for sig, previous in self._previous.items():
@@ -48,8 +74,24 @@ class PreemptionWatcher:
         self._previous.clear()
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if not self.requested:  # the first signal names the stop (a SIGTERM after a Ctrl-C is the same stop)
+            self.signal_name = signal.Signals(signum).name
         self.requested = True
-        self.signal_name = signal.Signals(signum).name
+
+    def _handle_interrupt(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self._pid:
+            return  # a forked DataLoader worker (same process group): the trainer's process decides
+        if self.requested and self.signal_name == "SIGINT":
+            raise KeyboardInterrupt  # the second Ctrl-C: stop at once
+        first = not self.requested
+        self._handle(signum, frame)
+        if first and self.announce:
+            print(
+                "\naccel_trainer: Ctrl-C: finishing the current step, then writing a checkpoint and exiting "
+                "(press Ctrl-C again to stop at once, without a checkpoint).",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 class PreemptionPoll:

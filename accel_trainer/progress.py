@@ -70,7 +70,7 @@ class LineProgress:
     ``min_interval_s`` seconds, so short epochs print only their final line), or when
     ``interval_s`` seconds passed since the last line (epochs of unknown length), and once
     when the epoch ends. The rate is measured since the previous line; the final line
-    gives the epoch's mean rate and duration.
+    gives the epoch's mean rate (of its batches) and duration (with its validation).
 
     Args:
         total: batches in the epoch, or ``None`` when unknown.
@@ -100,14 +100,14 @@ class LineProgress:
         self._interval = interval_s
         self._min_interval = min_interval_s
         self._clock = clock
-        self._start = self._last_time = clock()
+        self._start = self._last_time = self._last_update = clock()
         self._last_n = initial
         self._next_tenth = initial * 10 // total + 1 if total else 1
         self._closed = False
 
     def update(self, n: int = 1) -> None:
         self.n += n
-        now = self._clock()
+        now = self._last_update = self._clock()
         since = now - self._last_time
         due = since >= self._interval
         if self.total:
@@ -136,7 +136,8 @@ class LineProgress:
         for key, value in self.postfix.items():
             parts.append(f"{key} {_fmt(key, value)}")
         if final:
-            elapsed = now - self._start
+            # the rate of the batches alone: the epoch may be closed after its validation
+            elapsed = self._last_update - self._start
             rate = (self.n - self._initial) / elapsed if elapsed > 0 else math.inf
         else:
             elapsed = now - self._last_time

@@ -22,18 +22,24 @@ class TrainingState:
         optimizer_steps: real (not skipped) steps taken by each optimizer.
         batches_done_in_epoch: training batches of ``current_epoch`` already consumed; lets a
             mid-epoch checkpoint resume exactly at the next batch.
+        logged_rows: rows the main process had written to the run's ``metrics.csv`` (CSV
+            tracker) when this state was saved; a resume drops the rows logged after it, so
+            the table never holds a step twice. Not a training counter: 0 on the other
+            ranks, and None when unknown (a checkpoint written before it existed).
     """
 
     current_epoch: int = 0
     global_step: int = 0
     optimizer_steps: list[int] = field(default_factory=list)
     batches_done_in_epoch: int = 0
+    logged_rows: int | None = 0
 
     def reset_for(self, num_optimizers: int) -> None:
         self.current_epoch = 0
         self.global_step = 0
         self.optimizer_steps = [0] * num_optimizers
         self.batches_done_in_epoch = 0
+        self.logged_rows = 0
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -41,6 +47,7 @@ class TrainingState:
             "global_step": self.global_step,
             "optimizer_steps": list(self.optimizer_steps),
             "batches_done_in_epoch": self.batches_done_in_epoch,
+            "logged_rows": self.logged_rows,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -49,3 +56,5 @@ class TrainingState:
         # Mutate in place: step hooks registered on the optimizers hold a reference to this list.
         self.optimizer_steps[:] = [int(s) for s in state["optimizer_steps"]]
         self.batches_done_in_epoch = int(state.get("batches_done_in_epoch", 0))
+        rows = state.get("logged_rows")
+        self.logged_rows = None if rows is None else int(rows)

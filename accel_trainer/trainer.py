@@ -37,6 +37,7 @@ import inspect
 import itertools
 import math
 import os
+import sys
 import warnings
 from typing import Any, Callable, Iterable
 
@@ -48,11 +49,12 @@ from . import data as data_utils
 from .callbacks.base import Callback
 from .engines import RunRequest, check_requested_engine, engine_for, requested_engine
 from .errors import ConfigurationError, TrainingError
-from .loggers import build_trackers, log_hyperparams, normalise_log_with
+from .loggers import CSVTracker, build_trackers, log_hyperparams, normalise_log_with
 from .metrics import MetricCollector
 from .module import TrainingModule
-from .preemption import PREEMPTION_EXIT_CODE, Preempted, PreemptionPoll, PreemptionWatcher
+from .preemption import Preempted, PreemptionPoll, PreemptionWatcher, exit_code_for
 from .progress import make_progress
+from . import run_status as run_records
 from .optim import OptimizationConfig, SchedulerConfig, parse_configure_optimizers, requires_closure
 from .scheduling import SchedulerRunner, StepTracker
 from .state import TrainingState
@@ -458,7 +460,15 @@ class Trainer:
             self._runner = SchedulerRunner(
                 self._scheduler_configs, len(self._optimizers), module.lr_scheduler_step, lambda: self.callback_metrics
             )
-            self._start_trackers(module)
+            # The run really starts here: a config or checkpoint refused above left the run
+            # directory's records (config.yaml, metrics.csv, hparams.json, run_status.json) as they were.
+            nothing_to_do = ckpt_path is not None and self._done()
+            if nothing_to_do:
+                self._say_nothing_to_do()
+            else:
+                self._start_trackers(module, resumed_from=ckpt_path)
+                self._write_run_config()
+            self._begin_run_status()
 
             self._preemption.install()
             self._hooks("on_fit_start")
@@ -470,9 +480,14 @@ class Trainer:
             self.training = False
             self._hooks("on_train_end")
             self._hooks("on_fit_end")
-        except Preempted:
+            self._end_run_status("finished", stop_reason="nothing left to do" if nothing_to_do else self._stop_reason())
+        except Preempted as preempted:
+            self._end_run_status(
+                "preempted", checkpoint=preempted.checkpoint_path, signal=preempted.signal_name, exit_code=preempted.code
+            )
             raise
         except BaseException as exc:
+            self._end_run_status("failed", error=run_records.describe_error(exc))
             self._hooks.callbacks_only("on_exception", exc)
             raise
         finally:
@@ -507,9 +522,13 @@ class Trainer:
         accumulate = self.gradient_accumulation_steps
 
         metrics.stage = "train"
+        metrics.epoch = epoch
         metrics.reset_stage("train")
         module.train()
         self._hooks("on_train_epoch_start")
+        self._warn_if_no_step_logging(n_batches)
+        self._epoch_first_step = state.global_step
+        self._logged_steps_in_epoch = False
         skip = state.batches_done_in_epoch
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
@@ -547,15 +566,16 @@ class Trainer:
                 n_batches is None or batch_idx + 1 < n_batches
             ):
                 self._run_validation()
-        if progress is not None:
-            progress.close()
         if stopped_by_steps:
             # A max_steps stop inside an epoch is a pause, not an epoch end: the position is kept
             # so that resuming with a larger max_steps continues this very epoch.
+            self._close_progress(progress)
             self._end_train_epoch_metrics()
             return True
         if validate_this_epoch:
             self._run_validation()
+        # closed after the epoch's validation, so its last line shows this epoch's values
+        self._close_progress(progress)
         self._end_train_epoch_metrics()
         self._hooks("on_train_epoch_end", monitoring=False)
         state.current_epoch = epoch + 1
@@ -566,8 +586,13 @@ class Trainer:
         # monitoring callbacks (checkpoint, early stopping) see the epoch fully finished
         for fn in self._monitoring_epoch_end():
             fn(self, module)
-        self.should_stop = self._any_rank(self.should_stop)
+        # One collective for both flags: a preemption signal is also agreed at every epoch end,
+        # which bounds its latency when steps became slower than the poll interval assumed.
+        self.should_stop, preempt = self._any_rank_each(self.should_stop, self._preemption.requested)
         self._save_last()
+        if preempt:
+            self._preempt(None, save=False)  # last.ckpt was just written at this epoch boundary
+        self._update_run_status()
         return False
 
     def _epoch_iterator(self, loader: Any, skip: int) -> Iterable:
@@ -602,19 +627,22 @@ class Trainer:
             self._preempt_agreed = self._preemption_poll.exchange(step, self._preemption.requested, self.accelerator.device)
         return self._preempt_agreed
 
-    def _preempt(self, progress: Any) -> None:
+    def _preempt(self, progress: Any, save: bool = True) -> None:
         if progress is not None:
             progress.close()
         path = os.path.join(self.checkpoint_dir, ckpt_io.LAST_NAME)
-        self.save_checkpoint(path)
+        if save:
+            self.save_checkpoint(path)
+        signal_name = self._preemption.signal_name
         if self.is_global_zero:
+            what = "Ctrl-C" if signal_name == "SIGINT" else f"{signal_name or 'preemption signal'} received"
             print(
-                f"accel_trainer: {self._preemption.signal_name or 'preemption signal'} received; checkpoint written to "
-                f"{path} at global_step {self.global_step}. Exiting with code {PREEMPTION_EXIT_CODE}; run the same "
-                "command again (ckpt_path='last') to resume.",
+                f"accel_trainer: {what}; checkpoint written to {path} at global_step {self.global_step}. Exiting with "
+                f"code {exit_code_for(signal_name)}; run the same command again (ckpt_path='last') to resume.",
+                file=sys.stderr,
                 flush=True,
             )
-        raise Preempted(path)
+        raise Preempted(path, signal_name)
 
     def _should_stop_now(self, is_boundary: bool) -> bool:
         """``should_stop`` agreed by all ranks; on several ranks checked at logging boundaries only."""
@@ -624,6 +652,13 @@ class Trainer:
             return False
         self.should_stop = self._any_rank(self.should_stop)
         return self.should_stop
+
+    def _any_rank_each(self, *flags: bool) -> list[bool]:
+        """For each flag, whether any rank has it set (one collective for all of them)."""
+        if self.accelerator.num_processes == 1:
+            return [bool(f) for f in flags]
+        tensor = torch.tensor([float(f) for f in flags], device=self.accelerator.device)
+        return [v > 0 for v in self.accelerator.reduce(tensor, "sum").tolist()]
 
     def _any_rank(self, flag: bool) -> bool:
         if self.accelerator.num_processes == 1:
@@ -639,14 +674,41 @@ class Trainer:
         metrics = self._metrics
         metrics.stage = "train"
         results = metrics.compute_epoch("train", self._gather_from_ranks)
+        if not self._logged_steps_in_epoch and self.state.global_step > self._epoch_first_step:
+            # No log_every_n_steps boundary fell in this epoch (a short run or short epochs):
+            # its latest step values go to the trackers now rather than never.
+            results = {**self._metrics.step_values_for_loggers("train", self.accelerator.reduce), **results}
         if results:
             self._log_to_trackers({**results, "epoch": self.state.current_epoch}, self.state.global_step)
+
+    def _warn_if_no_step_logging(self, n_batches: Any) -> None:
+        """Lightning's warning when an epoch is shorter than ``log_every_n_steps`` (once per fit)."""
+        if self._warned_log_interval or n_batches is None or n_batches == math.inf:
+            return
+        self._warned_log_interval = True
+        steps = math.ceil(n_batches / self.gradient_accumulation_steps)
+        if self.max_steps >= 0:
+            steps = min(steps, self.max_steps)
+        if steps < self.log_every_n_steps and self.is_global_zero:
+            warnings.warn(
+                f"The number of training steps per epoch ({steps}) is smaller than the logging interval "
+                f"Trainer(log_every_n_steps={self.log_every_n_steps}): training step values (e.g. the loss) are "
+                "logged once per epoch, at its end. Set a lower log_every_n_steps to log them more often.",
+                UserWarning,
+                stacklevel=2,
+            )
+
+    def _close_progress(self, progress: Any) -> None:
+        if progress is not None:
+            progress.set_postfix(self._progress_postfix(), refresh=False)
+            progress.close()
 
     def _after_boundary(self, progress: Any) -> None:
         step = self.state.global_step
         if self.check_rank_sync_every_n_steps and step % self.check_rank_sync_every_n_steps == 0:
             self._check_rank_sync()
         if step % self.log_every_n_steps == 0:
+            self._logged_steps_in_epoch = True
             values = self._metrics.step_values_for_loggers("train", self.accelerator.reduce)
             if values:
                 values["epoch"] = self.state.current_epoch
@@ -746,7 +808,7 @@ class Trainer:
         else:
             self.accelerator.backward(loss)
         self._hooks("on_after_backward")
-        self._last_loss = loss.detach()
+        self._last_loss = self._last_losses[opt_idx] = loss.detach()
         return self._last_loss
 
     def _nonfinite_is_fatal(self) -> bool:
@@ -872,7 +934,9 @@ class Trainer:
             metrics.in_epoch_end = False
         results = metrics.compute_epoch(stage, self._gather_from_ranks)
         if log and results:
-            self._log_to_trackers(results, self.state.global_step)
+            # during fit a validation row says which epoch it belongs to, as every training row does
+            row = {**results, "epoch": self.state.current_epoch} if self.training else results
+            self._log_to_trackers(row, self.state.global_step)
         self._hooks(f"on_{kind}_end")
         metrics.stage = previous_stage
         if was_training:
@@ -899,7 +963,8 @@ class Trainer:
                 data_utils.check_not_empty(loader, stage)
             self._prepare_model_only(module)
             prepared = [self._prepare_loader(dl, even_batches=False) for dl in loaders]
-            self._start_trackers(module)
+            # validate/test log into their own directory, never into the training run's tables
+            self._start_trackers(module, log_dir=os.path.join(self.log_dir, stage))
             results = self._evaluate(stage, prepared, self.limit_val_batches if stage == "validate" else None, log=True)
             return [results]
         finally:
@@ -926,6 +991,12 @@ class Trainer:
         self._engine = engine_for(self.accelerator)
         self._last_output = None
         self._last_loss = None
+        self._last_losses: dict[int, torch.Tensor] = {}
+        self._warned_log_interval = False
+        self._epoch_first_step = 0
+        self._logged_steps_in_epoch = False
+        self._run_started = False
+        self._csv_tracker: CSVTracker | None = None
         self._resume: dict[str, Any] | None = None
         self._preemption = PreemptionWatcher()
         self._preempt_agreed = False
@@ -1103,17 +1174,108 @@ class Trainer:
         return int(v)
 
     # -- logging ----------------------------------------------------------------------------------
-    def _start_trackers(self, module: TrainingModule) -> None:
+    def _start_trackers(self, module: TrainingModule, resumed_from: Any = None, log_dir: str | None = None) -> None:
+        """Start the trackers (main process) in ``log_dir`` (default: the run directory).
+
+        When ``fit`` resumed from a checkpoint of this run directory, the CSV table is first cut
+        back to the rows logged before that checkpoint, so no step appears twice.
+        """
+        self._csv_tracker = None
         if self._trackers or not self.accelerator.is_main_process:
             return
-        self._trackers = build_trackers(self._log_with, self.project_name, self.log_dir, dict(module.hparams))
+        self._trackers = build_trackers(
+            self._log_with, self.project_name, log_dir or self.log_dir, dict(module.hparams)
+        )
         if self.run_config:  # the resolved YAML config when started from the command line
             log_hyperparams(self._trackers, self.run_config)
+        self._csv_tracker = next((t for t in self._trackers if isinstance(t, CSVTracker)), None)
+        if self._csv_tracker is not None:
+            if resumed_from is not None and self._is_own_checkpoint(resumed_from):
+                self._csv_tracker.truncate(self.state.logged_rows, self.state.global_step)
+            self.state.logged_rows = self._csv_tracker.rows
+
+    def _is_own_checkpoint(self, ckpt_path: Any) -> bool:
+        """Whether ``ckpt_path`` ("last" or a path) lies in this run directory (whose table it continues)."""
+        if os.fspath(ckpt_path) == "last":
+            return True
+        root = os.path.realpath(self.default_root_dir)
+        return os.path.realpath(os.fspath(ckpt_path)).startswith(root + os.sep)
 
     def _log_to_trackers(self, values: dict[str, float], step: int) -> None:
         self._logged.update(values)
         for tracker in self._trackers:
             tracker.log(values, step=step)
+        if self._csv_tracker is not None:
+            self.state.logged_rows = self._csv_tracker.rows
+
+    # -- the run's records --------------------------------------------------------------------------
+    def _write_run_config(self) -> None:
+        """``config.yaml`` in the run directory, once the run really starts (main process)."""
+        if not self.run_config or not self.is_global_zero:
+            return
+        import yaml
+
+        path = os.path.join(self.default_root_dir, "config.yaml")
+        os.makedirs(self.default_root_dir, exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            yaml.safe_dump(self.run_config, f, sort_keys=False, default_flow_style=False)
+        os.replace(tmp, path)
+
+    def _status_fields(self) -> dict[str, Any]:
+        return {
+            "command": "fit",
+            "step": self.state.global_step,
+            "epoch": self.state.current_epoch,
+            "checkpoint": run_records.last_checkpoint(os.path.abspath(self.default_root_dir)),
+            "world_size": self.world_size,
+        }
+
+    def _begin_run_status(self) -> None:
+        self._run_started = True
+        if self.is_global_zero:
+            run_records.write_run_status(self.default_root_dir, "running", **self._status_fields())
+
+    def _update_run_status(self) -> None:
+        if self._run_started and self.is_global_zero:
+            run_records.write_run_status(self.default_root_dir, "running", **self._status_fields())
+
+    def _end_run_status(self, status: str, **fields: Any) -> None:
+        """The outcome into ``run_status.json``; never masks the run's own error."""
+        if not self._run_started or not self.is_global_zero:
+            return
+        self._run_started = False
+        try:
+            record = {**self._status_fields(), **fields}
+            if record.get("checkpoint"):
+                record["checkpoint"] = os.path.abspath(record["checkpoint"])
+            if status == "finished":
+                record.setdefault("exit_code", 0)
+            run_records.write_run_status(self.default_root_dir, status, **record)
+        except Exception as err:  # a full disk must not hide why the run ended
+            warnings.warn(f"Could not write {run_records.STATUS_FILE}: {err}", UserWarning)
+
+    def _stop_reason(self) -> str:
+        if self.should_stop:
+            return "should_stop"
+        if self.max_steps >= 0 and self.state.global_step >= self.max_steps:
+            return "max_steps"
+        return "max_epochs"
+
+    def _say_nothing_to_do(self) -> None:
+        if not self.is_global_zero:
+            return
+        limits = [f"max_epochs={self.max_epochs}"] if self.max_epochs is not None else []
+        if self.max_steps >= 0:
+            limits.append(f"max_steps={self.max_steps}")
+        print(
+            f"accel_trainer: nothing left to do: the checkpoint is at epoch {self.state.current_epoch}, global_step "
+            f"{self.state.global_step}, which already reaches {' / '.join(limits) or 'the end of the run'}"
+            f"{' (early stopping)' if self.should_stop else ''}. Raise max_epochs (or max_steps) to train further, "
+            "or start over in a new default_root_dir.",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def log_to_trackers(self, values: dict[str, float], step: int | None = None) -> None:
         """Send already-computed values (floats) to every tracker, e.g. from a callback."""
@@ -1130,10 +1292,21 @@ class Trainer:
 
     def _progress_postfix(self) -> dict[str, str]:
         postfix = {}
-        if self._last_loss is not None:
+        n_opt = len(self._optimizers)
+        if n_opt > 1 and self._last_losses:
+            # one loss per optimizer (generator/discriminator), in optimizer order like the lr column
+            postfix["loss"] = "/".join(
+                f"{float(self._last_losses[i]):.4g}" if i in self._last_losses else "-" for i in range(n_opt)
+            )
+        elif self._last_loss is not None:
             postfix["loss"] = f"{float(self._last_loss):.4g}"
+        current = self.state.current_epoch
+        from_epoch = self._metrics.progress_bar_epochs
         for name, value in self._metrics.progress_bar_metrics.items():
-            postfix[name] = f"{float(value):.4g}"
+            # an epoch value (validation, on_epoch) shown during a later epoch says which epoch it is from
+            epoch = from_epoch.get(name)
+            key = name if epoch is None or epoch == current else f"{name} (epoch {epoch})"
+            postfix[key] = f"{float(value):.4g}"
         tracker = getattr(self, "_step_tracker", None)
         if tracker is not None and self._optimizers:
             # the learning rate of each optimizer's next real step (warm-up included), first param group
@@ -1185,8 +1358,9 @@ class Trainer:
             if self.accelerator.is_main_process:
                 ckpt_io.resolve(path)  # repairs a directory publish a crash interrupted
             self.accelerator.wait_for_everyone()
-            if not ckpt_io.exists(path):
-                warnings.warn(f"ckpt_path='last' but {path} does not exist yet: starting from scratch.", UserWarning)
+            if not ckpt_io.exists(path):  # a file, or a directory for sharded checkpoints
+                if self.is_global_zero:  # once, not once per rank
+                    warnings.warn(f"ckpt_path='last' but {path} does not exist yet: starting from scratch.", UserWarning)
                 return
         self._resume = ckpt_io.restore(path, self._checkpoint_parts(), lambda c: self._hooks("on_load_checkpoint", c))
 

@@ -62,3 +62,25 @@ def test_truncated_checkpoint(tmp_path):
     broken.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
         _resume(tmp_path, Regressor(), broken)
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        ("garbage", "truncated or corrupt (UnpicklingError: Unsupported operand"),
+        ("pickled_object", "holds a pickled fractions.Fraction object"),
+    ],
+)
+def test_unreadable_checkpoint_messages_never_advise_weights_only_false(tmp_path, content, expected):
+    import fractions
+
+    path = tmp_path / "bad.ckpt"
+    if content == "garbage":
+        path.write_bytes(b"garbage bytes that are not a zip archive")
+    else:
+        torch.save({"format": "accel_trainer/1", "x": fractions.Fraction(1, 2)}, path)
+    with pytest.raises(CheckpointError) as err:
+        _resume(tmp_path, Regressor(), path)
+    message = str(err.value)
+    assert expected in message, message
+    assert "weights_only" not in message and "arbitrary code" not in message, message

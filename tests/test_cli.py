@@ -302,3 +302,79 @@ def test_lr_schedule_and_plot_subcommands(tmp_path, capsys):
     paths = capsys.readouterr().out.split()
     assert paths and all(p.endswith(".png") and os.path.isfile(p) for p in paths)
     assert cli.main(["plot", str(tmp_path / "nothing_here")]) == 2
+
+
+# -- messages that name the real cause --------------------------------------------------------------
+
+BROKEN_MODULES = {
+    "syntax_error.py": "from accel_trainer import TrainingModule\n\nclass Net(TrainingModule)\n    pass\n",
+    "bad_import.py": "import no_such_dependency_xyz\nfrom accel_trainer import TrainingModule\n\nclass Net(TrainingModule):\n    pass\n",
+    "raises.py": "from accel_trainer import TrainingModule\nraise RuntimeError('boom at import')\n",
+}
+
+UNTYPED_MODULE = textwrap.dedent(
+    '''
+    from accel_trainer import TrainingModule
+
+
+    class Net(TrainingModule):
+        def __init__(self, g_lr=0.01, layers=2, name="net", use_bias=True, extra=None):
+            super().__init__()
+            self.save_hyperparameters()
+    '''
+)
+
+
+@pytest.mark.parametrize(
+    "class_path, expected",
+    [
+        ("syntax_error.Net", ["importing syntax_error failed: SyntaxError: expected ':'", "syntax_error.py, line 3",
+                              "class Net(TrainingModule)"]),
+        ("bad_import.Net", ["importing bad_import failed: ModuleNotFoundError", "no_such_dependency_xyz"]),
+        ("raises.Net", ["importing raises failed: RuntimeError: boom at import", "raises.py, line 2"]),
+    ],
+)
+def test_a_broken_user_module_is_reported_with_its_own_error(tmp_path, monkeypatch, capsys, class_path, expected):
+    for name, text in BROKEN_MODULES.items():
+        (tmp_path / name).write_text(text)
+    monkeypatch.chdir(tmp_path)
+    try:
+        assert cli.main(["fit", f"--module={class_path}"]) == 2
+    finally:
+        for name in BROKEN_MODULES:
+            sys.modules.pop(name[:-3], None)
+    err = capsys.readouterr().err
+    assert err.startswith("accel-trainer fit: error: module.class_path: received")
+    for text in expected:
+        assert text in err, f"{text!r} not in:\n{err}"
+    assert "allowed: the import path" not in err and "Traceback" not in err
+
+
+def test_an_unknown_top_level_section_is_named_with_a_suggestion(tmp_path, monkeypatch, capsys):
+    (tmp_path / "typo.yaml").write_text("module: accel_trainer.examples.digits.DigitsClassifier\ntrainr:\n  max_epochs: 1\n")
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["fit", "--config", "typo.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "trainr: unknown key. Allowed at the top level: module, data, trainer, optimizer, lr_scheduler" in err
+    assert "Did you mean trainer?" in err
+
+
+def test_untyped_init_args_are_checked_against_their_default(tmp_path, monkeypatch, capsys):
+    (tmp_path / "untyped.py").write_text(UNTYPED_MODULE)
+    monkeypatch.chdir(tmp_path)
+    try:
+        for override, expected in (
+            ("--module.init_args.g_lr=fast", "module.init_args.g_lr: received 'fast'; allowed: float (inferred from the "
+                                             "default g_lr=0.01 of Net, which has no type hint"),
+            ("--module.init_args.layers=2.5", "module.init_args.layers: received 2.5; allowed: int"),
+            ("--module.init_args.use_bias=3", "module.init_args.use_bias: received 3; allowed: bool"),
+        ):
+            assert cli.main(["fit", "--module=untyped.Net", override]) == 2
+            assert expected in capsys.readouterr().err
+        _, _, cfg = cli.parse(["fit", "--module=untyped.Net", "--module.init_args.g_lr=1", "--module.init_args.name=5",
+                               "--module.init_args.extra=anything"])
+        init_args = cfg.module.init_args
+        assert (init_args.g_lr, init_args.name, init_args.extra) == (1.0, "5", "anything")
+        assert isinstance(init_args.g_lr, float)
+    finally:
+        sys.modules.pop("untyped", None)

@@ -248,3 +248,89 @@ def test_configure_optimizers_sees_the_simulated_trainer():
     s = simulate_lr_schedule(LinearDecay(), steps=10)
     assert s["lr-SGD"] == pytest.approx([1 - k / 10 for k in range(10)])
     assert s.real_steps["lr-SGD"] == list(range(10))
+
+
+# -- plateau schedulers from the command line -----------------------------------------------------------
+
+import csv  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+from accel_trainer import cli  # noqa: E402
+from accel_trainer.lr_schedule import MetricsHistory, plateau_metric_from  # noqa: E402
+from accel_trainer.plotting import lr_columns  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLASSIFIER = os.path.join(REPO, "configs", "digits_classifier.yaml")
+# 12 short epochs (5 steps) with a patience of 0: ReduceLROnPlateau on val_acc fires several times.
+SHORT = ["--config", CLASSIFIER, "--trainer.max_epochs=12", "--trainer.limit_train_batches=5",
+         "--trainer.log_every_n_steps=5", "--module.init_args.plateau_patience=0", "--trainer.enable_progress_bar=false"]
+
+
+def _table(path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _cli(*args, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", "accel_trainer", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "WANDB_MODE": "offline"})
+
+
+def test_without_a_metric_the_plateau_scheduler_is_named_on_the_terminal_and_left_flat(tmp_path, capsys):
+    out = tmp_path / "lr.png"
+    assert cli.main(["lr-schedule", *SHORT, "--steps=60", f"--out={out}"]) == 0
+    captured = capsys.readouterr()
+    assert "note: not simulated: scheduler 0 (ReduceLROnPlateau of optimizer 0, monitor 'val_acc')" in captured.err
+    assert "--plateau_from RUN_DIR/metrics.csv" in captured.err
+    assert captured.out.split() == [str(out), str(tmp_path / "lr.csv")] and out.is_file()
+    (column,) = lr_columns(_table(tmp_path / "lr.csv")[0])
+    assert {row[column] for row in _table(tmp_path / "lr.csv")} == {"0.003"}
+
+    # a constant: a metric that never improves after the first epoch, so the LR halves at every
+    # later epoch end (steps 10, 15, ..., 55)
+    assert cli.main(["lr-schedule", *SHORT, "--steps=60", f"--out={out}", "--plateau_from=0.5"]) == 0
+    assert "stepped on a constant val_acc=0.5" in capsys.readouterr().err
+    lrs = [float(row[column]) for row in _table(tmp_path / "lr.csv")]
+    assert lrs[:10] == [0.003] * 10 and lrs[-1] == pytest.approx(0.003 * 0.5**10)
+
+
+@pytest.mark.slow
+def test_a_preview_fed_with_a_runs_own_metrics_equals_the_learning_rates_it_logged(tmp_path):
+    run = tmp_path / "run"
+    fit = _cli("fit", *SHORT, f"--trainer.default_root_dir={run}")
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    preview = _cli("lr-schedule", *SHORT, "--steps=60", f"--out={tmp_path / 'preview.png'}",
+                   f"--plateau_from={run / 'metrics.csv'}")
+    assert preview.returncode == 0, preview.stderr[-3000:]
+    assert f"stepped on val_acc from {run / 'metrics.csv'} (epochs 0-11)" in preview.stderr
+
+    logged = _table(run / "metrics.csv")
+    simulated = _table(tmp_path / "preview.csv")
+    (column,) = lr_columns(logged[0])
+    assert lr_columns(simulated[0]) == [column]
+    # LearningRateMonitor logs the LR of the next step at every epoch start
+    pairs = [(int(r["step"]), float(r[column])) for r in logged if r[column]]
+    assert len(pairs) == 12
+    assert len({lr for _, lr in pairs}) >= 2, "the plateau scheduler never fired: the comparison would prove nothing"
+    for step, lr in pairs:
+        assert float(simulated[step][column]) == lr, (step, lr, simulated[step][column])
+
+
+def test_metrics_history_reads_epoch_values_and_stops_past_its_end(tmp_path):
+    path = tmp_path / "metrics.csv"
+    path.write_text(
+        "step,train_loss,epoch,val_acc\n"
+        "5,1.0,0,\n5,,,0.5\n10,0.9,1,\n10,,,0.7\n"   # validation rows without an epoch cell
+        "15,0.8,2,\n20,0.7,3,\n20,,3,0.6\n"          # epoch 2 not validated: carries epoch 1's value
+    )
+    history = plateau_metric_from(str(tmp_path))  # a run directory works too
+    assert isinstance(history, MetricsHistory)
+    f = history["val_acc"]
+    assert [f(e) for e in range(5)] == [0.5, 0.7, 0.7, 0.6, None]
+    with pytest.raises(ConfigurationError, match=r"has no column 'val_loss'.*Columns: \['train_loss', 'val_acc'\]"):
+        history["val_loss"]
+    with pytest.raises(ConfigurationError, match="no such file"):
+        plateau_metric_from(str(tmp_path / "nothing.csv"))
+    assert plateau_metric_from("0.25")(7) == 0.25

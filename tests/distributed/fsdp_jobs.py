@@ -372,6 +372,9 @@ def _slow_down_saves() -> None:
 
 def main() -> None:
     """``accelerate launch fsdp_jobs.py ENGINE CASE ROOT OUT|- CKPT|none MAX_EPOCHS``."""
+    import faulthandler
+
+    faulthandler.enable()  # a rank that aborts (gloo, C++) shows where it was
     engine, case, root, out, ckpt, epochs = sys.argv[1:7]
     if os.environ.get("FSDP_JOBS_SLOW_SAVE") == "1":
         _slow_down_saves()
