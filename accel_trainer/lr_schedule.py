@@ -20,7 +20,6 @@ import copy
 import itertools
 import os
 import warnings
-from types import SimpleNamespace
 from typing import Any, Callable, Mapping
 
 import torch
@@ -346,15 +345,10 @@ def _no_closure() -> torch.Tensor:
 
 
 def _lr_names(config: OptimizationConfig) -> list[list[str]]:
-    """Per optimizer, the LearningRateMonitor key of each param group."""
-    from .callbacks.lr_monitor import LearningRateMonitor
+    """Per optimizer, the LearningRateMonitor key of each param group (its first, when it has several schedulers)."""
+    from .callbacks.lr_monitor import optimizer_lr_keys
 
-    bases = LearningRateMonitor()._names(SimpleNamespace(lr_schedulers=config.schedulers, optimizers=config.optimizers))
-    out = []
-    for base, opt in zip(bases, config.optimizers):
-        groups = unwrap_optimizer(opt).param_groups
-        out.append([base if g == 0 else f"{base}/pg{g + 1}" for g in range(len(groups))])
-    return out
+    return optimizer_lr_keys(config.optimizers, config.schedulers)
 
 
 def _detached_copy(module: Any) -> Any:

@@ -22,18 +22,34 @@ class TrainingState:
         optimizer_steps: real (not skipped) steps taken by each optimizer.
         batches_done_in_epoch: training batches of ``current_epoch`` already consumed; lets a
             mid-epoch checkpoint resume exactly at the next batch.
+        validated_at: the ``batches_done_in_epoch`` after which this epoch's latest validation
+            run finished (-1: none yet). A checkpoint written between a batch and the validation
+            due after it (``ModelCheckpoint(every_n_train_steps)``, preemption) resumes by running
+            that validation first; one written at the end of it does not run it again.
+        pending_plateau: step-interval ``ReduceLROnPlateau`` steps that are due after this
+            batch's validation (indices into ``trainer.lr_schedulers``). They wait for the
+            validation of the same batch, as in Lightning; a checkpoint taken in between carries them.
     """
 
     current_epoch: int = 0
     global_step: int = 0
     optimizer_steps: list[int] = field(default_factory=list)
     batches_done_in_epoch: int = 0
+    validated_at: int = -1
+    pending_plateau: list[int] = field(default_factory=list)
 
     def reset_for(self, num_optimizers: int) -> None:
         self.current_epoch = 0
         self.global_step = 0
         self.optimizer_steps = [0] * num_optimizers
         self.batches_done_in_epoch = 0
+        self.validated_at = -1
+        self.pending_plateau.clear()
+
+    def start_epoch(self) -> None:
+        """The counters of a new epoch (``current_epoch`` already advanced)."""
+        self.batches_done_in_epoch = 0
+        self.validated_at = -1
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -41,6 +57,8 @@ class TrainingState:
             "global_step": self.global_step,
             "optimizer_steps": list(self.optimizer_steps),
             "batches_done_in_epoch": self.batches_done_in_epoch,
+            "validated_at": self.validated_at,
+            "pending_plateau": list(self.pending_plateau),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -49,3 +67,6 @@ class TrainingState:
         # Mutate in place: step hooks registered on the optimizers hold a reference to this list.
         self.optimizer_steps[:] = [int(s) for s in state["optimizer_steps"]]
         self.batches_done_in_epoch = int(state.get("batches_done_in_epoch", 0))
+        self.validated_at = int(state.get("validated_at", -1))
+        # in place too: the SchedulerRunner appends to this very list
+        self.pending_plateau[:] = [int(i) for i in state.get("pending_plateau", [])]

@@ -12,15 +12,24 @@ from .base import Callback
 
 
 class EarlyStopping(Callback):
-    """Stop ``fit`` after ``patience`` epochs without an improvement of more than ``min_delta``.
+    """Stop ``fit`` after ``patience`` checks without an improvement of more than ``min_delta``.
 
-    Checked once per epoch, after validation and the epoch schedulers, on the rank-reduced
-    metric, so every rank stops in the same epoch.
+    When it checks follows Lightning's rule (``trainer.monitor_at_validation_end``):
+
+    * validation runs exactly once per epoch, at its end (``val_check_interval=1.0``,
+      ``check_val_every_n_epoch=1``), or there is no validation: once per epoch, after the
+      epoch's validation and its schedulers;
+    * otherwise (``check_val_every_n_epoch=N``, ``val_check_interval=0.25`` …): at the end of
+      every validation run. An epoch without validation is not a check; a stop decided in
+      the middle of an epoch ends that epoch right there.
+
+    ``patience`` counts checks. The metric is the rank-reduced value, so every rank stops at
+    the same check.
 
     Args:
         monitor: the metric to watch.
         min_delta: the smallest change that counts as an improvement.
-        patience: epochs without improvement before stopping.
+        patience: checks without improvement before stopping.
         mode: "min" or "max".
         strict: raise when ``monitor`` was never logged (False: warn and do nothing).
         check_finite: stop at once when the metric becomes NaN or infinite.
@@ -61,7 +70,18 @@ class EarlyStopping(Callback):
     def state_key(self) -> str:
         return f"EarlyStopping{{monitor={self.monitor!r}, mode={self.mode!r}}}"
 
+    def on_validation_end(self, trainer: Any, module: Any) -> None:
+        if getattr(trainer, "monitor_at_validation_end", False):
+            self._check(trainer, epoch=trainer.current_epoch)
+
     def on_train_epoch_end(self, trainer: Any, module: Any) -> None:
+        if getattr(trainer, "monitor_at_validation_end", False):
+            return
+        # runs after the epoch is counted: current_epoch is the number of completed epochs
+        self._check(trainer, epoch=trainer.current_epoch - 1)
+
+    def _check(self, trainer: Any, epoch: int) -> None:
+        """One check, during ``epoch`` (0-based)."""
         metrics = trainer.callback_metrics
         if self.monitor not in metrics:
             if self.strict:
@@ -73,7 +93,7 @@ class EarlyStopping(Callback):
         value = metrics[self.monitor]
         current = float(value) if isinstance(value, torch.Tensor) else float(value)
         if self.check_finite and not math.isfinite(current):
-            self._stop(trainer, f"{self.monitor} = {current} is not finite")
+            self._stop(trainer, epoch, f"{self.monitor} = {current} is not finite")
             return
         improved = current < self.best_score - self.min_delta if self.mode == "min" else current > self.best_score + self.min_delta
         if improved:
@@ -82,11 +102,13 @@ class EarlyStopping(Callback):
             return
         self.wait_count += 1
         if self.wait_count >= self.patience:
-            self._stop(trainer, f"{self.monitor} did not improve for {self.wait_count} epochs (best {self.best_score:.6g})")
+            self._stop(
+                trainer, epoch, f"{self.monitor} did not improve in the last {self.wait_count} checks (best {self.best_score:.6g})"
+            )
 
-    def _stop(self, trainer: Any, reason: str) -> None:
+    def _stop(self, trainer: Any, epoch: int, reason: str) -> None:
         trainer.should_stop = True
-        self.stopped_epoch = trainer.current_epoch - 1  # the 0-based epoch just finished, as in Lightning
+        self.stopped_epoch = epoch  # the 0-based epoch of the check, as in Lightning
         self.stopping_reason = reason
         if self.verbose and trainer.is_global_zero:
             print(f"EarlyStopping: stopping after epoch {self.stopped_epoch}: {reason}.")

@@ -18,10 +18,20 @@ MODES = ("min", "max")
 class ModelCheckpoint(Callback):
     """Save checkpoints during ``fit``.
 
-    It runs after the epoch's schedulers stepped (``monitors_metrics``), so every file it
-    writes resumes exactly. The monitored value is the rank-reduced epoch value, so every
-    rank agrees on what is "best". A new checkpoint is complete on disk before any old one
-    is removed.
+    When it saves follows Lightning's rule (``trainer.monitor_at_validation_end``):
+
+    * validation runs exactly once per epoch, at its end, or there is no validation: at the
+      end of each epoch, after the epoch's schedulers stepped;
+    * otherwise (``check_val_every_n_epoch=N``, ``val_check_interval=0.5`` …): at the end of
+      every validation run (of the epochs ``every_n_epochs`` selects), in the middle of an
+      epoch too. The checkpoint records that this validation ran and what is still due
+      after it (a step-interval plateau scheduler), so resuming from it continues exactly.
+
+    Every file it writes resumes exactly (bitwise on CPU). At most one save per
+    ``global_step``, as in Lightning. The monitored value is the rank-reduced value, so every
+    rank agrees on what is "best". A new checkpoint is complete on disk before any old one is
+    removed. ``ModelCheckpoint`` callbacks run after all other callbacks (Lightning's order),
+    so the checkpoint holds the other callbacks' state after this check (e.g. EarlyStopping's).
 
     Args:
         dirpath: where to write (default: ``{default_root_dir}/checkpoints``).
@@ -31,7 +41,7 @@ class ModelCheckpoint(Callback):
         mode: "min" or "max".
         save_top_k: how many to keep (-1: all, 0: none).
         save_last: also refresh ``last.ckpt`` in ``dirpath`` whenever this callback saves.
-        every_n_epochs: save every N epochs (default 1 unless ``every_n_train_steps`` is set).
+        every_n_epochs: save in every N-th epoch (default 1 unless ``every_n_train_steps`` is set).
         every_n_train_steps: save every N ``global_step``s instead.
 
     Raises:
@@ -76,6 +86,7 @@ class ModelCheckpoint(Callback):
         self.best_model_score: float | None = None
         self.last_model_path = ""
         self._recent: list[str] = []
+        self._last_global_step_saved = 0  # Lightning's: nothing to save before the first step
 
     @property
     def state_key(self) -> str:
@@ -85,20 +96,37 @@ class ModelCheckpoint(Callback):
         if self.dirpath is None:
             self.dirpath = trainer.checkpoint_dir
 
+    def on_validation_end(self, trainer: Any, module: Any) -> None:
+        if getattr(trainer, "monitor_at_validation_end", False):
+            self._on_check(trainer, epoch=trainer.current_epoch)
+
     def on_train_epoch_end(self, trainer: Any, module: Any) -> None:
+        if getattr(trainer, "monitor_at_validation_end", False):
+            return
         # runs after the epoch is counted: current_epoch is the number of completed epochs
-        if self.every_n_epochs and trainer.current_epoch % self.every_n_epochs == 0:
-            self._save(trainer, epoch=trainer.current_epoch - 1)
+        self._on_check(trainer, epoch=trainer.current_epoch - 1)
 
     def on_train_batch_end(self, trainer: Any, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         n = self.every_n_train_steps
-        if n and trainer.global_step > 0 and trainer.global_step % n == 0 and trainer.global_step != getattr(self, "_last_step_saved", -1):
-            self._last_step_saved = trainer.global_step
+        if n and trainer.global_step % n == 0 and not self._saved_at_this_step(trainer):
             self._save(trainer, epoch=trainer.current_epoch)
+
+    def _on_check(self, trainer: Any, epoch: int) -> None:
+        """At the end of an epoch or a validation run of ``epoch`` (0-based)."""
+        if self._saved_at_this_step(trainer):
+            return
+        if self.every_n_epochs and (epoch + 1) % self.every_n_epochs == 0:
+            self._save(trainer, epoch=epoch)
+        elif self.save_last:
+            self._save_last(trainer)
+
+    def _saved_at_this_step(self, trainer: Any) -> bool:
+        return trainer.global_step == self._last_global_step_saved
 
     # -- saving -------------------------------------------------------------------------------
     def _save(self, trainer: Any, epoch: int) -> None:
         """Save for ``epoch`` (0-based, as in Lightning's file names)."""
+        self._last_global_step_saved = trainer.global_step
         if self.save_top_k == 0:
             if self.save_last:
                 self._save_last(trainer)
@@ -126,6 +154,7 @@ class ModelCheckpoint(Callback):
             self._save_last(trainer)
 
     def _save_last(self, trainer: Any) -> None:
+        self._last_global_step_saved = trainer.global_step
         path = os.path.join(self.dirpath, LAST_NAME)
         trainer.save_checkpoint(path)
         self.last_model_path = path
@@ -189,6 +218,7 @@ class ModelCheckpoint(Callback):
             "best_k_models": dict(self.best_k_models),
             "last_model_path": self.last_model_path,
             "recent": list(self._recent),
+            "last_global_step_saved": self._last_global_step_saved,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -197,3 +227,4 @@ class ModelCheckpoint(Callback):
         self.best_k_models = {k: float(v) for k, v in state_dict.get("best_k_models", {}).items()}
         self.last_model_path = state_dict.get("last_model_path", "")
         self._recent = list(state_dict.get("recent", []))
+        self._last_global_step_saved = int(state_dict.get("last_global_step_saved", 0))
