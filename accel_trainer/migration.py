@@ -163,7 +163,9 @@ def check_unknown_trainer_arguments(unknown: dict[str, Any], allowed: list[str])
     if typos:
         hints = []
         for k in typos:
-            close = difflib.get_close_matches(k, allowed + list(LIGHTNING_TRAINER_ARGUMENTS), n=3, cutoff=0.6)
+            close = difflib.get_close_matches(k, allowed, n=3, cutoff=0.6) or difflib.get_close_matches(
+                k, list(LIGHTNING_TRAINER_ARGUMENTS), n=1, cutoff=0.8
+            )
             hints.append(f"{k!r}" + (f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""))
         raise TypeError(
             f"Trainer() got unexpected keyword argument(s) {', '.join(hints)}. Its arguments are: {', '.join(allowed)}."

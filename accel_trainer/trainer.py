@@ -600,6 +600,7 @@ class Trainer:
             self._monitor_on_validation = self._validation_not_once_per_epoch()
             if ckpt_path is not None:
                 self._restore(ckpt_path)
+                _mark_stepped(self._optimizers, self.state.optimizer_steps)
             self._start_trackers(module)
 
             self._preemption.install()
@@ -1543,6 +1544,21 @@ def _validate_trainer_args(args: dict[str, Any]) -> None:
         raise ConfigurationError(accelerator_string_message(acc))
     if acc is not None and not hasattr(acc, "prepare"):
         fail("accelerator", "expected None or an accelerate.Accelerator")
+
+
+def _mark_stepped(optimizers: list, steps: list[int]) -> None:
+    """Tell torch's schedulers that the optimizers which stepped before a checkpoint did step.
+
+    A resumed run may step a scheduler before its optimizer's first step in this process (a
+    plateau step still due after the checkpoint's batch, an epoch scheduler after a batch that
+    skipped that optimizer); torch would then warn "lr_scheduler.step() before optimizer.step()",
+    wrongly: nothing of the schedule is skipped. torch sets the same flag on every real step.
+    """
+    from .optim import unwrap_optimizer
+
+    for optimizer, count in zip(optimizers, steps):
+        if count:
+            unwrap_optimizer(optimizer)._opt_called = True
 
 
 def _batch_transfer_hook(module: TrainingModule, datamodule: Any) -> Callable | None:

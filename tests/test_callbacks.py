@@ -439,3 +439,180 @@ def test_checkpoint_with_different_shapes_names_the_parameter(trainer_kwargs, tm
     with pytest.raises(CheckpointError, match=r"net\.weight"):
         Trainer(max_epochs=2, **{**trainer_kwargs, "default_root_dir": str(tmp_path / "b")}).fit(other, data, ckpt_path=path)
 
+
+
+# ---------------------------------------------------------------------------------------------
+# ModelCheckpoint / EarlyStopping when validation is not exactly once per epoch (issue 13)
+# The expected numbers below are what PyTorch Lightning 2.6.6 does on the same job (run side
+# by side: same data, schedule and callbacks; EarlyStopping/ModelCheckpoint/spy in that order).
+# ---------------------------------------------------------------------------------------------
+
+
+class _PerCheck(Regressor):
+    """Logs ``score`` = ``seq[k]`` in the k-th validation run of fit; records events."""
+
+    def __init__(self, seq):
+        super().__init__()
+        self.seq = seq
+        self.k = 0
+        self.events = []
+        self.train_batches = 0
+
+    def training_step(self, batch, batch_idx):
+        self.train_batches += 1
+        return super().training_step(batch, batch_idx)
+
+    def validation_step(self, batch, batch_idx):
+        self.log("score", float(self.seq[self.k]))
+
+    def on_validation_end(self):
+        self.k += 1
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=0.01)
+        return [opt], [torch.optim.lr_scheduler.StepLR(opt, 1, 0.5)]
+
+
+class _Spy(Callback):
+    """After EarlyStopping and ModelCheckpoint (which run last): what they decided, per hook."""
+
+    def __init__(self, es):
+        self.es = es
+        self.events = []
+
+    def on_validation_end(self, trainer, module):
+        self.events.append(("val_end", trainer.current_epoch, trainer.global_step, self.es.wait_count, trainer.should_stop))
+
+    def on_train_epoch_end(self, trainer, module):
+        self.events.append(("epoch_end", trainer.current_epoch, trainer.global_step, self.es.wait_count, trainer.should_stop))
+
+
+def _fit_per_check(trainer_kwargs, seq, patience, **kw):
+    es = EarlyStopping(monitor="score", patience=patience)
+    mc = ModelCheckpoint(monitor="score", save_top_k=-1)
+    spy = _Spy(es)
+    module = _PerCheck(seq)
+    # ModelCheckpoint listed first: it is moved after the other callbacks, as in Lightning
+    trainer = Trainer(callbacks=[mc, es, spy], **trainer_kwargs, **kw)
+    trainer.fit(module, loader(32, 8), loader(16, 8))
+    return trainer, module, es, mc, spy
+
+
+def _files(trainer_kwargs):
+    return sorted(n for n in os.listdir(_ckpt_dir(trainer_kwargs)) if n != "last.ckpt")
+
+
+SEQ_CHECKS = [5.0, 4.0, 4.5, 4.2, 3.0, 2.0, 1.0, 0.5]
+
+
+def test_check_val_every_n_epoch_callbacks_act_after_each_validation(trainer_kwargs):
+    """check_val_every_n_epoch=2: no error after epoch 0, patience counts validation checks."""
+    trainer, module, es, mc, spy = _fit_per_check(trainer_kwargs, SEQ_CHECKS, patience=2, max_epochs=8, check_val_every_n_epoch=2)
+    assert trainer.callbacks[-1] is mc  # ModelCheckpoint runs last
+    assert [e[:5] for e in spy.events if e[0] == "val_end"] == [
+        ("val_end", 1, 8, 0, False), ("val_end", 3, 16, 0, False), ("val_end", 5, 24, 1, False), ("val_end", 7, 32, 2, True),
+    ]
+    assert [e[3] for e in spy.events if e[0] == "epoch_end"] == [0, 0, 0, 0, 0, 1, 1, 2]  # epochs without validation count nothing
+    assert es.stopped_epoch == 7 and trainer.current_epoch == 8 and trainer.global_step == 32
+    assert _files(trainer_kwargs) == ["epoch=1-step=8.ckpt", "epoch=3-step=16.ckpt", "epoch=5-step=24.ckpt", "epoch=7-step=32.ckpt"]
+    assert mc.best_model_score == 4.0 and mc.best_model_path.endswith("epoch=3-step=16.ckpt")
+
+
+def test_check_val_every_n_epoch_non_strict_early_stopping_counts_checks_only(trainer_kwargs):
+    """strict=False used to count the epochs without validation as non-improvements and stop early."""
+    es = EarlyStopping(monitor="score", patience=1, strict=False)
+    module = _PerCheck([3.0, 2.0, 1.0])  # improves at every validation
+    trainer = Trainer(max_epochs=6, check_val_every_n_epoch=2, callbacks=[es], **trainer_kwargs)
+    trainer.fit(module, loader(32, 8), loader(16, 8))
+    assert trainer.current_epoch == 6 and not trainer.should_stop
+    assert es.wait_count == 0 and es.best_score == 1.0
+
+
+def test_val_check_interval_callbacks_act_after_each_validation(trainer_kwargs):
+    trainer, module, es, mc, spy = _fit_per_check(trainer_kwargs, SEQ_CHECKS, patience=2, max_epochs=4, val_check_interval=0.5)
+    assert [e for e in spy.events if e[0] == "val_end"] == [
+        ("val_end", 0, 2, 0, False), ("val_end", 0, 4, 0, False), ("val_end", 1, 6, 1, False), ("val_end", 1, 8, 2, True),
+    ]
+    assert es.stopped_epoch == 1 and trainer.current_epoch == 2 and trainer.global_step == 8
+    assert _files(trainer_kwargs) == ["epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt", "epoch=1-step=6.ckpt", "epoch=1-step=8.ckpt"]
+    assert mc.best_model_path.endswith("epoch=0-step=4.ckpt")
+
+
+def test_a_stop_decided_in_a_mid_epoch_validation_ends_the_epoch_there(trainer_kwargs):
+    trainer, module, es, mc, spy = _fit_per_check(trainer_kwargs, SEQ_CHECKS, patience=1, max_epochs=4, val_check_interval=0.5)
+    assert spy.events == [
+        ("val_end", 0, 2, 0, False), ("val_end", 0, 4, 0, False), ("epoch_end", 0, 4, 0, False),
+        ("val_end", 1, 6, 1, True), ("epoch_end", 1, 6, 1, True),
+    ]
+    assert module.train_batches == 6 and module.k == 3  # no batch and no validation after the stop
+    assert es.stopped_epoch == 1 and trainer.current_epoch == 2 and trainer.global_step == 6
+    last = _load(os.path.join(_ckpt_dir(trainer_kwargs), "last.ckpt"))["loops"]
+    assert (last["current_epoch"], last["global_step"], last["batches_done_in_epoch"]) == (2, 6, 0)
+
+
+def test_once_per_epoch_validation_keeps_acting_at_epoch_end(trainer_kwargs):
+    trainer, module, es, mc, spy = _fit_per_check(trainer_kwargs, SEQ_CHECKS, patience=2, max_epochs=8)
+    assert not trainer.monitor_at_validation_end
+    # at the end of epoch e the spy (also an epoch-end hook, before the monitoring callbacks) sees the previous count
+    assert trainer.global_step == 4 * NB and es.stopped_epoch == 3
+    assert _files(trainer_kwargs) == [f"epoch={e}-step={(e + 1) * NB}.ckpt" for e in range(4)]
+
+
+def test_checkpoint_at_most_once_per_global_step(trainer_kwargs):
+    """Validation after every batch with gradient_accumulation_steps=2: two validations share a
+    global_step, one file per step, nothing before the first step (Lightning's rule)."""
+    mc = ModelCheckpoint(monitor="score", save_top_k=-1)
+    module = _PerCheck([5.0, 4.0, 3.0, 2.0])
+    trainer = Trainer(max_epochs=1, val_check_interval=1, gradient_accumulation_steps=2, callbacks=[mc], **trainer_kwargs)
+    trainer.fit(module, loader(32, 8), loader(16, 8))
+    assert module.k == 4  # validated after each of the 4 batches (global_step 0, 1, 1, 2)
+    assert _files(trainer_kwargs) == ["epoch=0-step=1.ckpt", "epoch=0-step=2.ckpt"]
+    assert mc.best_k_models[mc.best_model_path] == 2.0
+
+
+def test_no_validation_data_callbacks_act_at_epoch_end(trainer_kwargs):
+    """Without validation there is nothing to wait for (Lightning would never check with check_val_every_n_epoch=2)."""
+
+    class TrainScore(Regressor):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            self.log("train_score", float(self.current_epoch), on_step=False, on_epoch=True)
+            return loss
+
+    mc = ModelCheckpoint(monitor="train_score", mode="max", save_top_k=-1)
+    trainer = Trainer(max_epochs=3, check_val_every_n_epoch=2, callbacks=[mc], **trainer_kwargs)
+    trainer.fit(TrainScore(), loader(32, 8))
+    assert _files(trainer_kwargs) == [f"epoch={e}-step={(e + 1) * NB}.ckpt" for e in range(3)]
+
+
+def test_callbacks_do_not_act_during_sanity_check_or_validate(trainer_kwargs):
+    es = EarlyStopping(monitor="score", patience=0)
+    mc = ModelCheckpoint(monitor="score", save_top_k=-1)
+    module = _PerCheck([1.0] * 10)
+    trainer = Trainer(max_epochs=1, val_check_interval=0.5, num_sanity_val_steps=1, callbacks=[es, mc], **trainer_kwargs)
+    trainer.fit(module, loader(32, 8), loader(16, 8))
+    # the sanity run (k=0) is not a check: best 1.0 at the first real validation, then one non-improvement
+    assert es.wait_count == 1 and trainer.should_stop and trainer.global_step == 4
+    trainer.validate(module, loader(16, 8))
+    assert es.wait_count == 1 and len(_files(trainer_kwargs)) == 2  # validate() neither checks nor saves
+
+
+class _ModuleCallbacks(Regressor):
+    def __init__(self, cbs):
+        super().__init__()
+        self.cbs = cbs
+
+    def configure_callbacks(self):
+        return self.cbs
+
+
+def test_configure_callbacks_replaces_same_type_and_orders_checkpoints_last(trainer_kwargs):
+    trainer_es, module_es = EarlyStopping(monitor="val_loss", patience=5), EarlyStopping(monitor="val_loss", patience=1)
+    mc, other = ModelCheckpoint(), _Stateful()
+    trainer = Trainer(max_epochs=1, callbacks=[mc, trainer_es], **trainer_kwargs)
+    trainer.fit(_ModuleCallbacks([module_es, other]), loader(16, 8), loader(16, 8))
+    assert trainer.callbacks == [module_es, other, mc]
+    assert trainer.early_stopping_callback is module_es and trainer.checkpoint_callback is mc
+    assert other.epochs_seen == 1
+    with pytest.raises(ConfigurationError, match="configure_callbacks"):
+        Trainer(max_epochs=1, **trainer_kwargs).fit(_ModuleCallbacks([object()]), loader(16, 8))
