@@ -616,3 +616,134 @@ def test_configure_callbacks_replaces_same_type_and_orders_checkpoints_last(trai
     assert other.epochs_seen == 1
     with pytest.raises(ConfigurationError, match="configure_callbacks"):
         Trainer(max_epochs=1, **trainer_kwargs).fit(_ModuleCallbacks([object()]), loader(16, 8))
+
+
+# ---------------------------------------------------------------------------------------------
+# LearningRateMonitor: Lightning's key names (issue 13). The expected key sets are the columns
+# PyTorch Lightning 2.6.6's LearningRateMonitor(log_momentum=True) writes for the same optimizers.
+# ---------------------------------------------------------------------------------------------
+
+
+class _Optimizers(TrainingModule):
+    """Manual optimization (any number of optimizers, any signature) with a chosen configure_optimizers."""
+
+    def __init__(self, kind):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.c = torch.nn.Linear(4, 1), torch.nn.Linear(4, 1), torch.nn.Linear(4, 1)
+        self.kind = kind
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        opts = self.optimizers()
+        for opt in opts if isinstance(opts, list) else [opts]:
+            opt.zero_grad()
+            x, y = batch
+            self.manual_backward(torch.nn.functional.mse_loss(self.a(x) + self.b(x) + self.c(x), y))
+            opt.step()
+
+    def configure_optimizers(self):
+        adam = lambda params, lr=0.01: torch.optim.Adam(params, lr=lr)  # noqa: E731
+        a, b, c = self.a.parameters(), self.b.parameters(), self.c.parameters()
+        kind = self.kind
+        if kind == "one":
+            return adam(self.parameters())
+        if kind == "two_adam":
+            return [adam(a), adam(b, 0.02)]
+        if kind == "three_adam":
+            return [adam(a), adam(b), adam(c)]
+        if kind == "adam_sgd":
+            return [adam(a), torch.optim.SGD(b, lr=0.1)]
+        if kind == "groups":
+            return adam([{"params": a}, {"params": b, "lr": 0.1}])
+        if kind == "named":
+            opt = adam(self.parameters())
+            return [opt], [{"scheduler": torch.optim.lr_scheduler.StepLR(opt, 1), "name": "my_lr"}]
+        if kind == "named_groups":
+            opt = adam([{"params": a}, {"params": b, "lr": 0.1}])
+            return [opt], [{"scheduler": torch.optim.lr_scheduler.StepLR(opt, 1), "name": "my_lr"}]
+        if kind == "second_named":
+            o1, o2 = adam(a), adam(b, 0.02)
+            return [o1, o2], [{"scheduler": torch.optim.lr_scheduler.StepLR(o2, 1), "name": "gen"}]
+        if kind == "second_scheduled":
+            o1, o2 = adam(a), adam(b, 0.02)
+            return [o1, o2], [torch.optim.lr_scheduler.StepLR(o2, 1)]
+        if kind == "two_schedulers_one_optimizer":
+            opt = adam(self.parameters())
+            return [opt], [torch.optim.lr_scheduler.StepLR(opt, 1), torch.optim.lr_scheduler.ExponentialLR(opt, 0.9)]
+        if kind == "sgd_momentum":
+            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+        if kind == "named_param_group":
+            return adam([{"params": a, "name": "head"}, {"params": b, "name": "body"}])
+        raise AssertionError(kind)
+
+
+_LIGHTNING_KEYS = {
+    "one": ["lr-Adam", "lr-Adam-momentum"],
+    "two_adam": ["lr-Adam", "lr-Adam-1", "lr-Adam-1-momentum", "lr-Adam-momentum"],
+    "three_adam": ["lr-Adam", "lr-Adam-1", "lr-Adam-1-momentum", "lr-Adam-2", "lr-Adam-2-momentum", "lr-Adam-momentum"],
+    "adam_sgd": ["lr-Adam", "lr-Adam-momentum", "lr-SGD", "lr-SGD-momentum"],
+    "groups": ["lr-Adam/pg1", "lr-Adam/pg1-momentum", "lr-Adam/pg2", "lr-Adam/pg2-momentum"],
+    "named": ["my_lr", "my_lr-momentum"],
+    "named_groups": ["my_lr/pg1", "my_lr/pg1-momentum", "my_lr/pg2", "my_lr/pg2-momentum"],
+    "second_named": ["gen", "gen-momentum", "lr-Adam", "lr-Adam-momentum"],
+    "second_scheduled": ["lr-Adam", "lr-Adam-1", "lr-Adam-1-momentum", "lr-Adam-momentum"],
+    "two_schedulers_one_optimizer": ["lr-Adam", "lr-Adam-1", "lr-Adam-1-momentum", "lr-Adam-momentum"],
+    "sgd_momentum": ["lr-SGD", "lr-SGD-momentum"],
+    "named_param_group": ["lr-Adam/body", "lr-Adam/body-momentum", "lr-Adam/head", "lr-Adam/head-momentum"],
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_LIGHTNING_KEYS))
+def test_lr_monitor_keys_are_lightnings(trainer_kwargs, kind):
+    trainer = Trainer(max_epochs=1, limit_train_batches=2, callbacks=[LearningRateMonitor(log_momentum=True)], **trainer_kwargs)
+    trainer.fit(_Optimizers(kind), loader(32, 8))
+    columns = [c for c in _csv(trainer)[0].keys() if c not in ("step", "epoch")]
+    assert sorted(columns) == _LIGHTNING_KEYS[kind]
+    assert all(k in trainer.callback_metrics for k in _LIGHTNING_KEYS[kind])  # Lightning puts them there too
+
+
+def test_lr_monitor_names_the_scheduled_optimizer_first(trainer_kwargs):
+    """As Lightning: optimizers with a scheduler are named first, so the second Adam (0.02) is lr-Adam."""
+    trainer = Trainer(max_epochs=1, limit_train_batches=2, callbacks=[LearningRateMonitor()], **trainer_kwargs)
+    trainer.fit(_Optimizers("second_scheduled"), loader(32, 8))
+    assert trainer.logged_metrics["lr-Adam"] == pytest.approx(0.02) and trainer.logged_metrics["lr-Adam-1"] == pytest.approx(0.01)
+    trainer = Trainer(max_epochs=1, limit_train_batches=2, callbacks=[LearningRateMonitor()], **{**trainer_kwargs, "default_root_dir": trainer_kwargs["default_root_dir"] + "/b"})
+    trainer.fit(_Optimizers("two_adam"), loader(32, 8))
+    assert trainer.logged_metrics["lr-Adam"] == pytest.approx(0.01) and trainer.logged_metrics["lr-Adam-1"] == pytest.approx(0.02)
+
+
+def test_lr_monitor_param_groups_with_one_name_are_refused(trainer_kwargs):
+    class SameName(_Optimizers):
+        def configure_optimizers(self):
+            return torch.optim.SGD([{"params": self.a.parameters(), "name": "x"}, {"params": self.b.parameters(), "name": "x"}], lr=0.1)
+
+    with pytest.raises(ConfigurationError, match="'x'"):
+        Trainer(max_epochs=1, callbacks=[LearningRateMonitor()], **trainer_kwargs).fit(SameName("one"), loader(32, 8))
+
+
+def test_lr_monitor_none_interval_logs_each_scheduler_at_its_own_interval(trainer_kwargs):
+    """Lightning's rule: a step scheduler's key at logging steps, an optimizer without scheduler at epoch starts too."""
+
+    class Mixed(Regressor):
+        def __init__(self):
+            super().__init__()
+            self.extra = torch.nn.Linear(4, 1)
+
+        def training_step(self, batch, batch_idx, optimizer_idx):
+            x, y = batch
+            return torch.nn.functional.mse_loss(self(x) + self.extra(x), y)
+
+        def configure_optimizers(self):
+            adam = torch.optim.Adam(self.net.parameters(), lr=0.01)
+            sgd = torch.optim.SGD(self.extra.parameters(), lr=0.02)
+            return [adam, sgd], [{"scheduler": torch.optim.lr_scheduler.StepLR(adam, 1, 0.5), "interval": "step"}]
+
+    lrm = LearningRateMonitor()
+    trainer = Trainer(max_epochs=2, log_every_n_steps=2, callbacks=[lrm], **trainer_kwargs)
+    trainer.fit(Mixed(), loader(32, 8))  # 4 steps per epoch
+    adam_steps = [h["step"] for h in lrm.history if "lr-Adam" in h]
+    sgd_steps = [h["step"] for h in lrm.history if "lr-SGD" in h]
+    assert adam_steps == [0, 2, 4, 6]  # every log_every_n_steps
+    assert sgd_steps == [0, 2, 4, 6]  # epoch starts (0, 4) and logging steps, once per step
+    assert [h["lr-Adam"] for h in lrm.history if "lr-Adam" in h] == pytest.approx([0.01 * 0.5**s for s in (0, 2, 4, 6)])
