@@ -747,3 +747,24 @@ def test_lr_monitor_none_interval_logs_each_scheduler_at_its_own_interval(traine
     assert adam_steps == [0, 2, 4, 6]  # every log_every_n_steps
     assert sgd_steps == [0, 2, 4, 6]  # epoch starts (0, 4) and logging steps, once per step
     assert [h["lr-Adam"] for h in lrm.history if "lr-Adam" in h] == pytest.approx([0.01 * 0.5**s for s in (0, 2, 4, 6)])
+
+
+@pytest.mark.parametrize(
+    "filename, auto, expected",
+    [
+        ("{epoch}-{val_loss:.2f}", True, "epoch=3-val_loss=0.26.ckpt"),
+        ("best-{step}", True, "best-step=40.ckpt"),
+        ("{epoch}-{val_loss:.2f}", False, "3-0.26.ckpt"),
+        (None, True, "epoch=3-step=40.ckpt"),
+    ],
+)
+def test_model_checkpoint_filenames_are_lightnings(filename, auto, expected):
+    """The names PyTorch Lightning 2.6.6's ModelCheckpoint.format_checkpoint_name gives for the same values."""
+
+    class FakeTrainer:
+        callback_metrics = {"val_loss": torch.tensor(0.2567)}
+
+    cb = ModelCheckpoint(filename=filename, auto_insert_metric_name=auto)
+    assert cb._format_name({"epoch": 3, "step": 40, "val_loss": 0.2567}, FakeTrainer()) + ".ckpt" == expected
+    with pytest.raises(ConfigurationError, match="'val_acc'"):
+        ModelCheckpoint(filename="{val_acc}")._format_name({"epoch": 3, "step": 40}, FakeTrainer())

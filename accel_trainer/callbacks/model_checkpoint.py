@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from typing import Any
 
 import torch
@@ -35,14 +36,17 @@ class ModelCheckpoint(Callback):
 
     Args:
         dirpath: where to write (default: ``{default_root_dir}/checkpoints``).
-        filename: a format string over ``epoch``, ``step`` and logged metric names
-            (default ``"epoch={epoch}-step={step}"``).
+        filename: a format string over ``epoch``, ``step`` and logged metric names (default
+            ``"{epoch}-{step}"``); as in Lightning, ``{name}`` is written ``name=<value>``
+            (``epoch=3-step=400.ckpt``, ``{val_loss:.2f}`` -> ``val_loss=0.25``) unless
+            ``auto_insert_metric_name=False``.
         monitor: metric to rank checkpoints by (None: keep the most recent).
         mode: "min" or "max".
         save_top_k: how many to keep (-1: all, 0: none).
         save_last: also refresh ``last.ckpt`` in ``dirpath`` whenever this callback saves.
         every_n_epochs: save in every N-th epoch (default 1 unless ``every_n_train_steps`` is set).
         every_n_train_steps: save every N ``global_step``s instead.
+        auto_insert_metric_name: prefix every ``{name}`` of ``filename`` with ``name=``.
 
     Raises:
         ConfigurationError: for a bad ``mode``, ``save_top_k`` < -1, both intervals set, or
@@ -61,6 +65,7 @@ class ModelCheckpoint(Callback):
         save_last: bool | None = None,
         every_n_epochs: int | None = None,
         every_n_train_steps: int | None = None,
+        auto_insert_metric_name: bool = True,
     ) -> None:
         if mode not in MODES:
             raise ConfigurationError(f"ModelCheckpoint(mode={mode!r}) is not allowed: expected one of {list(MODES)}.")
@@ -74,7 +79,8 @@ class ModelCheckpoint(Callback):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ConfigurationError(f"ModelCheckpoint({name}={value!r}) is not allowed: expected a positive int.")
         self.dirpath = os.fspath(dirpath) if dirpath is not None else None
-        self.filename = filename or "epoch={epoch}-step={step}"
+        self.filename = filename or "{epoch}-{step}"
+        self.auto_insert_metric_name = auto_insert_metric_name
         self.monitor = monitor
         self.mode = mode
         self.save_top_k = save_top_k
@@ -191,18 +197,27 @@ class ModelCheckpoint(Callback):
         values = {"epoch": epoch, "step": trainer.global_step}
         for k, v in trainer.callback_metrics.items():
             values.setdefault(k, float(v))
-        try:
-            name = self.filename.format(**values)
-        except KeyError as err:
-            raise ConfigurationError(
-                f"ModelCheckpoint(filename={self.filename!r}) names {err}, which is neither epoch, step nor a logged "
-                f"metric ({sorted(trainer.callback_metrics)})."
-            ) from err
+        name = self._format_name(values, trainer)
         path = os.path.join(self.dirpath, name + ".ckpt")
         if path in self.best_k_models or path in self._recent:
             # the same name twice (e.g. a filename without {step}): keep both distinct
             path = os.path.join(self.dirpath, f"{name}-v{trainer.global_step}.ckpt")
         return path
+
+    def _format_name(self, values: dict[str, Any], trainer: Any) -> str:
+        """Lightning's formatting: ``{name}`` (or ``{name:spec}``) -> ``name=<value>``; names may hold dots or slashes."""
+        template = self.filename
+        for group in sorted(set(re.findall(r"(\{.*?)[:\}]", template)), key=len, reverse=True):
+            key = group[1:]
+            if key not in values:
+                raise ConfigurationError(
+                    f"ModelCheckpoint(filename={self.filename!r}) names {key!r}, which is neither epoch, step nor a "
+                    f"logged metric ({sorted(trainer.callback_metrics)})."
+                )
+            if self.auto_insert_metric_name:
+                template = template.replace(group, key + "={" + key)
+            template = template.replace(group, "{0[" + key + "]")
+        return template.format(values)
 
     @staticmethod
     def _remove(trainer: Any, path: str) -> None:
