@@ -237,7 +237,7 @@ def run(command: str, parser: Any, cfg: Any) -> Any:
         _load_weights(trainer, module, cfg.ckpt_path)
         results = getattr(trainer, command)(module, datamodule=datamodule)
         if trainer.is_global_zero:
-            for key, value in sorted(results[0].items()):
+            for key, value in sorted({k: v for per_dataloader in results for k, v in per_dataloader.items()}.items()):
                 print(f"{key}: {float(value):.6g}", flush=True)
     return trainer
 

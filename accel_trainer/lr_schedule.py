@@ -33,8 +33,9 @@ from .state import TrainingState
 class LRSchedule(dict):
     """``{name: [learning rate at global step 0, 1, ...]}``, one entry per optimizer param group.
 
-    Names are those ``LearningRateMonitor`` logs (``lr-Adam``, ``lr-SGD``, ``lr-<scheduler
-    name>``, ``.../pg2``), so a simulation compares directly with a run's ``metrics.csv``.
+    Names are those ``LearningRateMonitor`` logs (Lightning's: ``lr-Adam``, ``lr-Adam-1``,
+    ``lr-SGD/pg1``, a scheduler's ``name``; an optimizer with two schedulers under its first
+    key), so a simulation compares directly with a run's ``metrics.csv``.
     The value at step ``s`` is the learning rate the optimizer uses if it steps at global
     step ``s`` (warm-up included) — the one it did use when it stepped.
 
