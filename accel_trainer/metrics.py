@@ -143,11 +143,15 @@ class MetricCollector:
         reduce_fx = _normalise_reduce_fx(reduce_fx, name)
         entries = self._entries[self.stage]
         dl_idx = self.dataloader_idx
-        suffix = f"/dataloader_idx_{dl_idx}" if add_dataloader_idx and dl_idx is not None else ""
-        entry = entries.get(name + suffix)
-        if entry is None:
-            entry = entries[name + suffix] = _Entry(name, on_step, on_epoch, prog_bar, logger, sync_dist, reduce_fx, suffix=suffix)
-        if dl_idx is not None:
+        if dl_idx is None:  # training, one dataloader, epoch-end hooks: the name as given
+            entry = entries.get(name)
+            if entry is None:
+                entry = entries[name] = _Entry(name, on_step, on_epoch, prog_bar, logger, sync_dist, reduce_fx)
+        else:
+            suffix = f"/dataloader_idx_{dl_idx}" if add_dataloader_idx else ""
+            entry = entries.get(name + suffix)
+            if entry is None:
+                entry = entries[name + suffix] = _Entry(name, on_step, on_epoch, prog_bar, logger, sync_dist, reduce_fx, suffix=suffix)
             entry.dataloaders.add(dl_idx)
 
         if is_metric_object(value):

@@ -645,6 +645,7 @@ class Trainer:
         n_batches, limit = self._batches_per_epoch()
         val_every = self._val_every(n_batches)
         validate_this_epoch = self._validates_in_epoch(epoch)
+        check_val = validate_this_epoch and bool(val_every)  # validations inside this epoch
         accumulate = self.gradient_accumulation_steps
         transfer = self._transfer
 
@@ -694,8 +695,9 @@ class Trainer:
                 break
             if self._should_stop_now(is_boundary):
                 break  # the epoch ends here, with its validation (as Lightning validates on a stop)
-            if not last and self._finish_batch(batch_idx + 1, val_every, validate_this_epoch):
-                break  # a validation decided to stop (EarlyStopping): the epoch ends right after it
+            if (check_val or state.pending_plateau) and not last:
+                if self._finish_batch(batch_idx + 1, val_every, validate_this_epoch):
+                    break  # a validation decided to stop (EarlyStopping): the epoch ends right after it
         if progress is not None:
             progress.close()
         self._progress_bar = None
