@@ -335,3 +335,36 @@ def test_toggle_optimizer(trainer_kwargs):
     trainer.fit(module, loader(8, 8))
     assert module.flags == [(True, False), (False, True), True]
     assert trainer.optimizer_steps == [1, 1]
+
+
+# -- on_save_checkpoint / on_load_checkpoint ----------------------------------------------------------
+class _Extra(Regressor):
+    def __init__(self):
+        super().__init__()
+        self.loaded = None
+
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["my_counter"] = 7 + self.current_epoch
+
+    def on_load_checkpoint(self, checkpoint):
+        self.loaded = checkpoint["my_counter"]
+
+
+class _SeesCheckpoints(Callback):
+    def __init__(self):
+        self.saved, self.loaded = [], []
+
+    def on_save_checkpoint(self, trainer, module, checkpoint):
+        self.saved.append(checkpoint["loops"]["global_step"])
+
+    def on_load_checkpoint(self, trainer, module, checkpoint):
+        self.loaded.append(checkpoint["my_counter"])
+
+
+def test_checkpoint_hooks_add_and_read_entries(trainer_kwargs):
+    cb = _SeesCheckpoints()
+    Trainer(max_epochs=2, callbacks=[cb], **trainer_kwargs).fit(_Extra(), loader(16, 8))
+    assert cb.saved == [2, 4]  # last.ckpt after each epoch
+    module, cb = _Extra(), _SeesCheckpoints()
+    Trainer(max_epochs=3, callbacks=[cb], **trainer_kwargs).fit(module, loader(16, 8), ckpt_path="last")
+    assert module.loaded == 9 and cb.loaded == [9]
