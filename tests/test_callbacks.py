@@ -768,3 +768,35 @@ def test_model_checkpoint_filenames_are_lightnings(filename, auto, expected):
     assert cb._format_name({"epoch": 3, "step": 40, "val_loss": 0.2567}, FakeTrainer()) + ".ckpt" == expected
     with pytest.raises(ConfigurationError, match="'val_acc'"):
         ModelCheckpoint(filename="{val_acc}")._format_name({"epoch": 3, "step": 40}, FakeTrainer())
+
+
+@pytest.mark.parametrize(
+    "kwargs, stop_epoch, reason",
+    [
+        (dict(stopping_threshold=3.5), 3, "stopping threshold"),  # 1.0 < 3.5 at the 4th epoch (Lightning: current < threshold)
+        (dict(divergence_threshold=4.8), 2, "divergence threshold"),  # 5.0 > 4.8 at epoch 2
+    ],
+)
+def test_early_stopping_thresholds(trainer_kwargs, kwargs, stop_epoch, reason):
+    es = EarlyStopping(monitor="score", patience=100, **kwargs)
+    trainer = _fit_scored(trainer_kwargs, [4.0, 3.9, 5.0 if "divergence_threshold" in kwargs else 3.8, 1.0, 0.5], [es])
+    assert es.stopped_epoch == stop_epoch and trainer.current_epoch == stop_epoch + 1
+    assert reason in es.stopping_reason
+
+
+def test_overriding_where_the_callbacks_act(trainer_kwargs):
+    """check_on_train_epoch_end / save_on_train_epoch_end, as in Lightning: the rule, overridden either way."""
+    es = EarlyStopping(monitor="score", patience=1, check_on_train_epoch_end=True)  # once per epoch despite 0.5
+    mc = ModelCheckpoint(monitor="score", save_top_k=-1, save_on_train_epoch_end=False)  # after every validation
+    module = _PerCheck([5.0, 4.0, 4.5, 4.2, 3.0, 2.0, 1.0, 0.5])
+    trainer = Trainer(max_epochs=2, val_check_interval=0.5, callbacks=[es, mc], **trainer_kwargs)
+    trainer.fit(module, loader(32, 8), loader(16, 8))
+    assert _files(trainer_kwargs) == ["epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt", "epoch=1-step=6.ckpt", "epoch=1-step=8.ckpt"]
+    # EarlyStopping saw only the epoch-end values 4.0 and 4.2: one non-improvement, patience 1 -> stop after epoch 1
+    assert es.best_score == 4.0 and es.stopped_epoch == 1 and trainer.should_stop
+    trainer = Trainer(
+        max_epochs=2, callbacks=[ModelCheckpoint(monitor="score", save_top_k=-1, save_on_train_epoch_end=False)],
+        **{**trainer_kwargs, "default_root_dir": trainer_kwargs["default_root_dir"] + "/b"},
+    )
+    trainer.fit(_PerCheck([3.0, 2.0]), loader(32, 8), loader(16, 8))  # once per epoch, but asked to save after validation
+    assert sorted(os.listdir(trainer.checkpoint_dir)) == ["epoch=0-step=4.ckpt", "epoch=1-step=8.ckpt", "last.ckpt"]

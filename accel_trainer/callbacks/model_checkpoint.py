@@ -12,6 +12,7 @@ import torch
 from ..checkpoint import LAST_NAME
 from ..errors import ConfigurationError
 from .base import Callback
+from .early_stopping import _acts_after_validation
 
 MODES = ("min", "max")
 
@@ -47,6 +48,8 @@ class ModelCheckpoint(Callback):
         every_n_epochs: save in every N-th epoch (default 1 unless ``every_n_train_steps`` is set).
         every_n_train_steps: save every N ``global_step``s instead.
         auto_insert_metric_name: prefix every ``{name}`` of ``filename`` with ``name=``.
+        save_on_train_epoch_end: None (the rule above), True (always once per epoch, after its
+            schedulers) or False (always at the end of each validation run), as in Lightning.
 
     Raises:
         ConfigurationError: for a bad ``mode``, ``save_top_k`` < -1, both intervals set, or
@@ -66,6 +69,7 @@ class ModelCheckpoint(Callback):
         every_n_epochs: int | None = None,
         every_n_train_steps: int | None = None,
         auto_insert_metric_name: bool = True,
+        save_on_train_epoch_end: bool | None = None,
     ) -> None:
         if mode not in MODES:
             raise ConfigurationError(f"ModelCheckpoint(mode={mode!r}) is not allowed: expected one of {list(MODES)}.")
@@ -81,6 +85,7 @@ class ModelCheckpoint(Callback):
         self.dirpath = os.fspath(dirpath) if dirpath is not None else None
         self.filename = filename or "{epoch}-{step}"
         self.auto_insert_metric_name = auto_insert_metric_name
+        self.save_on_train_epoch_end = save_on_train_epoch_end
         self.monitor = monitor
         self.mode = mode
         self.save_top_k = save_top_k
@@ -103,11 +108,13 @@ class ModelCheckpoint(Callback):
             self.dirpath = trainer.checkpoint_dir
 
     def on_validation_end(self, trainer: Any, module: Any) -> None:
-        if getattr(trainer, "monitor_at_validation_end", False):
+        if _acts_after_validation(trainer, self.save_on_train_epoch_end):
             self._on_check(trainer, epoch=trainer.current_epoch)
 
     def on_train_epoch_end(self, trainer: Any, module: Any) -> None:
-        if getattr(trainer, "monitor_at_validation_end", False):
+        if self.save_on_train_epoch_end is False or (
+            self.save_on_train_epoch_end is None and getattr(trainer, "monitor_at_validation_end", False)
+        ):
             return
         # runs after the epoch is counted: current_epoch is the number of completed epochs
         self._on_check(trainer, epoch=trainer.current_epoch - 1)
