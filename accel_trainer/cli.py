@@ -293,7 +293,7 @@ def run(command: str, parser: Any, cfg: Any) -> Any:
             _atomic_write(os.path.join(root, f"config_{command}.yaml"), resolved_text)
         results = getattr(trainer, command)(module, datamodule=datamodule)
         if trainer.is_global_zero:
-            for key, value in sorted(results[0].items()):
+            for key, value in sorted({k: v for per_dataloader in results for k, v in per_dataloader.items()}.items()):
                 print(f"{key}: {float(value):.6g}", flush=True)
     return trainer
 

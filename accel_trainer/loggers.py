@@ -483,3 +483,83 @@ def _same_value(a: Any, b: Any) -> bool:
         return a == b or (isinstance(a, (int, float)) and isinstance(b, (int, float)) and float(a) == float(b))
     except Exception:
         return False
+
+
+class LoggerView:
+    """One tracker seen through Lightning's ``Logger`` API: ``self.logger`` / ``trainer.loggers``.
+
+    ``experiment`` is the tracker's own object (``wandb.Run``, TensorBoard's ``SummaryWriter``,
+    the CSV tracker), so ``self.logger.experiment.add_image(...)`` works as in Lightning. On a
+    rank other than the main one (trackers run on the main process only) every call is a no-op
+    and ``experiment`` swallows every call, as Lightning's rank-zero-only loggers do.
+
+    Args:
+        tracker: the Accelerate tracker, or ``None`` on a non-main rank.
+        trainer: the trainer (for the default ``step`` and the directories).
+        name: the tracker's name ("csv", "wandb", "tensorboard" …).
+    """
+
+    def __init__(self, tracker: GeneralTracker | None, trainer: Any, name: str) -> None:
+        self._tracker = tracker
+        self._trainer = trainer
+        self.name = name
+
+    @property
+    def experiment(self) -> Any:
+        return self._tracker.tracker if self._tracker is not None else _DummyExperiment()
+
+    @property
+    def save_dir(self) -> str:
+        return self._trainer.log_dir
+
+    @property
+    def log_dir(self) -> str:
+        return self._trainer.log_dir
+
+    @property
+    def version(self) -> Any:
+        return None
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        """Send ``metrics`` (numbers) to this tracker at ``step`` (default: ``trainer.global_step``)."""
+        if self._tracker is not None:
+            values = {k: float(v) for k, v in metrics.items()}
+            self._tracker.log(values, step=self._trainer.global_step if step is None else step)
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        """Add ``params`` (a dict or ``argparse.Namespace``) to this tracker's hyperparameters."""
+        if self._tracker is not None:
+            log_hyperparams([self._tracker], dict(params) if isinstance(params, dict) else dict(vars(params)))
+
+    def log_image(self, key: str, images: Any, step: int | None = None, **kwargs: Any) -> None:
+        """Lightning's ``WandbLogger.log_image(key, images)``: each image through :func:`log_image`."""
+        if self._tracker is not None:
+            for image in images if isinstance(images, (list, tuple)) else [images]:
+                log_image([self._tracker], key, image, step=self._trainer.global_step if step is None else step)
+
+    def finalize(self, status: str = "success") -> None:
+        """Nothing to do: the trainer finishes its trackers at the end of the run."""
+
+    def __repr__(self) -> str:
+        return f"LoggerView({self.name!r}{'' if self._tracker is not None else ', non-main rank'})"
+
+
+class _DummyExperiment:
+    """Takes any call and does nothing (a non-main rank's ``logger.experiment``)."""
+
+    def _nop(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def __getattr__(self, name: str) -> Any:
+        return self._nop
+
+    def __getitem__(self, idx: Any) -> "_DummyExperiment":
+        return self
+
+    def __setitem__(self, *args: Any) -> None:
+        pass
+
+
+def tracker_name(item: Any) -> str:
+    """``"csv"`` for ``"csv"``, a tracker instance's ``name`` for an instance."""
+    return item if isinstance(item, str) else str(getattr(item, "name", type(item).__name__))

@@ -30,7 +30,6 @@ import itertools
 import math
 import os
 import warnings
-from types import SimpleNamespace
 from typing import Any, Callable, Mapping
 
 import textwrap
@@ -46,8 +45,9 @@ from .state import TrainingState
 class LRSchedule(dict):
     """``{name: [learning rate at global step 0, 1, ...]}``, one entry per optimizer param group.
 
-    Names are those ``LearningRateMonitor`` logs (``lr-Adam``, ``lr-SGD``, ``lr-<scheduler
-    name>``, ``.../pg2``), so a simulation compares directly with a run's ``metrics.csv``.
+    Names are those ``LearningRateMonitor`` logs (Lightning's: ``lr-Adam``, ``lr-Adam-1``,
+    ``lr-SGD/pg1``, a scheduler's ``name``; an optimizer with two schedulers under its first
+    key), so a simulation compares directly with a run's ``metrics.csv``.
     The value at step ``s`` is the learning rate the optimizer uses if it steps at global
     step ``s`` (warm-up included) — the one it did use when it stepped.
 
@@ -552,15 +552,10 @@ def _describe_source(metric: Any, monitor: str) -> str:
 
 
 def _lr_names(config: OptimizationConfig) -> list[list[str]]:
-    """Per optimizer, the LearningRateMonitor key of each param group."""
-    from .callbacks.lr_monitor import LearningRateMonitor
+    """Per optimizer, the LearningRateMonitor key of each param group (its first, when it has several schedulers)."""
+    from .callbacks.lr_monitor import optimizer_lr_keys
 
-    bases = LearningRateMonitor()._names(SimpleNamespace(lr_schedulers=config.schedulers, optimizers=config.optimizers))
-    out = []
-    for base, opt in zip(bases, config.optimizers):
-        groups = unwrap_optimizer(opt).param_groups
-        out.append([base if g == 0 else f"{base}/pg{g + 1}" for g in range(len(groups))])
-    return out
+    return optimizer_lr_keys(config.optimizers, config.schedulers)
 
 
 def _detached_copy(module: Any) -> Any:

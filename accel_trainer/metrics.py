@@ -5,12 +5,18 @@ At the end of an epoch every rank packs its weighted sums and weights into one v
 reduces it with a single collective, so an epoch value is the sample-weighted mean over the
 whole data set across ranks: the same number on every rank, which is what makes plateau,
 checkpoint and early-stopping decisions rank-consistent.
+
+With several validation (or test) dataloaders, a name logged while dataloader ``i`` runs is
+stored as ``name/dataloader_idx_i`` (``name_epoch/dataloader_idx_i`` …), as in Lightning;
+``self.log(..., add_dataloader_idx=False)`` keeps the bare name (one value over every
+dataloader that logs it). Validation and test *step* values never reach
+``callback_metrics`` (Lightning leaves them out too): only epoch values do.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -61,6 +67,13 @@ class _Entry:
     metric: Any = None  # torchmetrics.Metric, computed at epoch end
     is_metric: bool = False
     metric_path: str | None = None  # where the metric lives in the module, for ranks that never logged it
+    suffix: str = ""  # "/dataloader_idx_N" when logged while dataloader N of several ran
+    dataloaders: set = field(default_factory=set)  # the dataloaders that logged it (empty: an epoch-end hook)
+    auto: bool = False  # logged by the trainer from a scalar returned by validation_step/test_step
+
+    @property
+    def key(self) -> str:
+        return self.name + self.suffix
 
 
 class MetricCollector:
@@ -79,6 +92,8 @@ class MetricCollector:
         self.in_epoch_end = False
         #: while True, ``self.log`` calls are dropped (filler forward passes, see ``lockstep.py``)
         self.discarding = False
+        #: the dataloader being evaluated when there are several (None: one, or outside a dataloader)
+        self.dataloader_idx: int | None = None
         self._entries: dict[str, dict[str, _Entry]] = {"train": {}, "validate": {}, "test": {}, "sanity": {}}
         self._batch: Any = None
         self._batch_size: int | None = None
@@ -113,9 +128,16 @@ class MetricCollector:
         sync_dist: bool = False,
         reduce_fx: str | Callable = "mean",
         batch_size: int | None = None,
+        add_dataloader_idx: bool = True,
     ) -> None:
         if self.discarding:
             return
+        if add_dataloader_idx and "/dataloader_idx_" in name:
+            raise ConfigurationError(
+                f"self.log({name!r}) names a dataloader itself; with add_dataloader_idx=True (the default) the "
+                "trainer appends '/dataloader_idx_N' when there are several dataloaders. Log the bare name, or "
+                "pass add_dataloader_idx=False to keep yours."
+            )
         in_step = not self.in_epoch_end
         if on_step is None:
             on_step = in_step and self.stage == "train"
@@ -128,9 +150,17 @@ class MetricCollector:
             )
         reduce_fx = _normalise_reduce_fx(reduce_fx, name)
         entries = self._entries[self.stage]
-        entry = entries.get(name)
-        if entry is None:
-            entry = entries[name] = _Entry(name, on_step, on_epoch, prog_bar, logger, sync_dist, reduce_fx)
+        dl_idx = self.dataloader_idx
+        if dl_idx is None:  # training, one dataloader, epoch-end hooks: the name as given
+            entry = entries.get(name)
+            if entry is None:
+                entry = entries[name] = _Entry(name, on_step, on_epoch, prog_bar, logger, sync_dist, reduce_fx)
+        else:
+            suffix = f"/dataloader_idx_{dl_idx}" if add_dataloader_idx else ""
+            entry = entries.get(name + suffix)
+            if entry is None:
+                entry = entries[name + suffix] = _Entry(name, on_step, on_epoch, prog_bar, logger, sync_dist, reduce_fx, suffix=suffix)
+            entry.dataloaders.add(dl_idx)
 
         if is_metric_object(value):
             if entry.metric is not value:
@@ -180,14 +210,30 @@ class MetricCollector:
             self._batch_size = extract_batch_size(self._batch)
         return self._batch_size
 
+    def log_returned(self, name: str, output: Any) -> None:
+        """Log a scalar returned by ``validation_step``/``test_step`` as ``name`` (``val_loss``/``test_loss``).
+
+        Only while the step logs nothing of that name itself (per dataloader when there are several).
+        """
+        if not (isinstance(output, torch.Tensor) and output.numel() == 1):
+            return
+        suffix = f"/dataloader_idx_{self.dataloader_idx}" if self.dataloader_idx is not None else ""
+        entries = self._entries[self.stage]
+        entry = entries.get(name + suffix)
+        if entry is None or entry.auto:
+            self.log(name, output, on_step=False, on_epoch=True)
+            entries[name + suffix].auto = True
+
     def _publish_step(self, entry: _Entry) -> None:
+        if entry.prog_bar:
+            self.progress_bar_metrics[entry.key] = entry.step_value
+            self.progress_bar_epochs.pop(entry.key, None)  # a step value, not an earlier epoch's
+        if self.stage != "train":
+            return  # validation/test step values are not callback metrics (as in Lightning)
         key = entry.name + "_step" if entry.on_epoch else entry.name
         self.callback_metrics[key] = entry.step_value
         if entry.on_epoch:
             self.callback_metrics[entry.name] = entry.step_value
-        if entry.prog_bar:
-            self.progress_bar_metrics[entry.name] = entry.step_value
-            self.progress_bar_epochs.pop(entry.name, None)
 
     # -- step flush -----------------------------------------------------------------------------
     def step_values_for_loggers(self, stage: str, reduce: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
@@ -198,7 +244,7 @@ class MetricCollector:
                 value = entry.step_value
                 if entry.sync_dist and self.num_processes > 1:
                     value = reduce(value.to(self.device))
-                names.append(entry.name + "_step" if entry.on_epoch else entry.name)
+                names.append((entry.name + "_step" if entry.on_epoch else entry.name) + entry.suffix)
                 tensors.append(value.to(self.device, torch.float64))
         if not tensors:
             return {}
@@ -219,8 +265,10 @@ class MetricCollector:
         entries = self._entries[stage]
         if gather is not None and self.num_processes > 1:
             for meta in gather([self._describe(e) for e in entries.values() if e.on_epoch]):
-                if meta["name"] not in entries:
-                    entries[meta["name"]] = self._placeholder(meta)
+                key = meta["name"] + meta["suffix"]
+                if key not in entries:
+                    entries[key] = self._placeholder(meta)
+                entries[key].dataloaders.update(meta["dataloaders"])
         names = sorted(n for n, e in entries.items() if e.on_epoch)
         results: dict[str, float] = {}
         plain = [entries[n] for n in names if not entries[n].is_metric]
@@ -251,15 +299,39 @@ class MetricCollector:
             self._publish_epoch(e, value, results)
         return results
 
+    def results_by_dataloader(self, stage: str, results: dict[str, float], num_dataloaders: int) -> list[dict[str, float]]:
+        """``results`` split as Lightning's ``validate``/``test`` return them: one dict per dataloader.
+
+        Dataloader ``i``'s dict holds what was logged while it ran (``name/dataloader_idx_i``, and
+        names logged with ``add_dataloader_idx=False``) plus what epoch-end hooks logged.
+        """
+        if num_dataloaders <= 1:
+            return [dict(results)]
+        out: list[dict[str, float]] = [{} for _ in range(num_dataloaders)]
+        for entry in self._entries[stage].values():
+            for key in self._result_keys(entry):
+                if key not in results:
+                    continue
+                for i in sorted(entry.dataloaders) if entry.dataloaders else range(num_dataloaders):
+                    out[i][key] = results[key]
+        return out
+
+    @staticmethod
+    def _result_keys(entry: _Entry) -> list[str]:
+        return [entry.name + "_epoch" + entry.suffix if entry.on_step else entry.key]
+
     def _describe(self, entry: _Entry) -> dict[str, Any]:
         return {
             "name": entry.name, "reduce_fx": entry.reduce_fx, "on_step": entry.on_step, "prog_bar": entry.prog_bar,
             "logger": entry.logger, "is_metric": entry.is_metric, "metric_path": entry.metric_path,
+            "suffix": entry.suffix, "dataloaders": sorted(entry.dataloaders),
         }
 
     def _placeholder(self, meta: dict[str, Any]) -> _Entry:
         """The entry another rank logged and this one did not (it contributes nothing)."""
-        entry = _Entry(meta["name"], meta["on_step"], True, meta["prog_bar"], meta["logger"], False, meta["reduce_fx"])
+        entry = _Entry(
+            meta["name"], meta["on_step"], True, meta["prog_bar"], meta["logger"], False, meta["reduce_fx"], suffix=meta["suffix"]
+        )
         entry.is_metric = meta["is_metric"]
         entry.metric_path = meta["metric_path"]
         if entry.is_metric:
@@ -289,14 +361,14 @@ class MetricCollector:
 
     def _publish_epoch(self, entry: _Entry, value: float, results: dict[str, float]) -> None:
         tensor = torch.tensor(value)
-        self.callback_metrics[entry.name] = tensor
+        self.callback_metrics[entry.key] = tensor
         if entry.on_step:
-            self.callback_metrics[entry.name + "_epoch"] = tensor
+            self.callback_metrics[entry.name + "_epoch" + entry.suffix] = tensor
         if entry.prog_bar:
-            self.progress_bar_metrics[entry.name] = tensor
-            self.progress_bar_epochs[entry.name] = self.epoch
+            self.progress_bar_metrics[entry.key] = tensor
+            self.progress_bar_epochs[entry.key] = self.epoch
         if entry.logger:
-            results[entry.name + "_epoch" if entry.on_step else entry.name] = value
+            results[self._result_keys(entry)[0]] = value
 
     def _all_reduce(self, tensor: torch.Tensor, op: str) -> torch.Tensor:
         if self.num_processes == 1:

@@ -7,9 +7,10 @@ A ``TrainingModule`` is a plain ``torch.nn.Module`` with documented no-op hooks.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import warnings
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import torch
 
@@ -86,6 +87,33 @@ class TrainingModule(torch.nn.Module):
         return self._trainer.global_step if self._trainer is not None else 0
 
     @property
+    def global_rank(self) -> int:
+        """This process's rank among all processes (0 without a trainer)."""
+        return self._trainer.global_rank if self._trainer is not None else 0
+
+    @property
+    def local_rank(self) -> int:
+        """This process's rank on its machine (0 without a trainer)."""
+        return self._trainer.local_rank if self._trainer is not None else 0
+
+    @property
+    def logger(self) -> Any:
+        """The first of ``self.loggers`` (``None`` when nothing logs), as Lightning's ``self.logger``."""
+        return self._trainer.logger if self._trainer is not None else None
+
+    @property
+    def loggers(self) -> list:
+        """The run's trackers as Lightning-style loggers (``log_metrics``, ``log_hyperparams``, ``experiment``)."""
+        return self._trainer.loggers if self._trainer is not None else []
+
+    def print(self, *args: Any, **kwargs: Any) -> None:
+        """``print`` on the main process only (without breaking the progress bar), as Lightning's ``self.print``."""
+        if self._trainer is None:
+            print(*args, **kwargs)
+        else:
+            self._trainer.print(*args, **kwargs)
+
+    @property
     def device(self) -> torch.device:
         """The device of the module's parameters (else buffers, else the trainer's)."""
         for p in self.parameters():
@@ -141,6 +169,7 @@ class TrainingModule(torch.nn.Module):
         sync_dist: bool = False,
         reduce_fx: Any = "mean",
         batch_size: int | None = None,
+        add_dataloader_idx: bool = True,
     ) -> None:
         """Record a metric: a number, a scalar tensor or a ``torchmetrics.Metric``, for the trackers, the progress bar (``prog_bar``) and callbacks (``trainer.callback_metrics``).
 
@@ -149,12 +178,18 @@ class TrainingModule(torch.nn.Module):
         Epoch values are means weighted by ``batch_size`` (inferred from the batch when not
         given) over the whole epoch and across all ranks. A ``torchmetrics.Metric`` value is
         computed and reset by the trainer at epoch end.
+
+        With several validation/test dataloaders the name becomes ``name/dataloader_idx_N``
+        (as in Lightning); ``add_dataloader_idx=False`` keeps ``name`` as given, one value over
+        every dataloader that logs it.
         """
         trainer = self._trainer
         if trainer is None or trainer._metrics is None:
             warnings.warn(f"self.log({name!r}) was called outside a Trainer run and is ignored.", UserWarning, stacklevel=2)
             return
-        trainer._metrics.log(name, value, on_step, on_epoch, prog_bar, logger, sync_dist, reduce_fx, batch_size)
+        trainer._metrics.log(
+            name, value, on_step, on_epoch, prog_bar, logger, sync_dist, reduce_fx, batch_size, add_dataloader_idx
+        )
 
     def log_dict(self, dictionary: Mapping[str, Any], **kwargs: Any) -> None:
         """``self.log`` every item of ``dictionary`` with the same options."""
@@ -177,6 +212,42 @@ class TrainingModule(torch.nn.Module):
     def manual_backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
         """``loss.backward()`` through the accelerator (mixed-precision scaling, DeepSpeed…)."""
         self._require_trainer("manual_backward").accelerator.backward(loss, **kwargs)
+
+    def toggle_optimizer(self, optimizer: Any) -> None:
+        """Only ``optimizer``'s parameters require grad until :meth:`untoggle_optimizer` (manual optimization).
+
+        As Lightning's: every other optimizer's parameters are switched off (their
+        ``requires_grad`` remembered), a parameter shared with ``optimizer`` stays as it was.
+        """
+        state: dict[torch.nn.Parameter, bool] = {}
+        for opt in self._require_trainer("toggle_optimizer").optimizers:
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    if p not in state:
+                        state[p] = p.requires_grad
+                        p.requires_grad_(False)
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.requires_grad_(state.get(p, p.requires_grad))
+        object.__setattr__(self, "_toggled_requires_grad", state)
+
+    def untoggle_optimizer(self, optimizer: Any) -> None:
+        """Undo :meth:`toggle_optimizer`: the other optimizers' parameters get their ``requires_grad`` back."""
+        state = getattr(self, "_toggled_requires_grad", {})
+        mine = {p for group in optimizer.param_groups for p in group["params"]}
+        for p, flag in state.items():
+            if p not in mine:
+                p.requires_grad_(flag)
+        object.__setattr__(self, "_toggled_requires_grad", {})
+
+    @contextlib.contextmanager
+    def toggled_optimizer(self, optimizer: Any) -> Iterator[None]:
+        """``with self.toggled_optimizer(opt):`` — :meth:`toggle_optimizer` for the block."""
+        self.toggle_optimizer(optimizer)
+        try:
+            yield
+        finally:
+            self.untoggle_optimizer(optimizer)
 
     def _require_trainer(self, what: str) -> "Trainer":
         if self._trainer is None:
@@ -231,6 +302,19 @@ class TrainingModule(torch.nn.Module):
             optimizer.step(second_order_closure)
         else:
             optimizer.step()
+        hooks = getattr(self._trainer, "_hooks", None) if self._trainer is not None else None
+        if hooks is not None:
+            hooks("on_before_zero_grad", optimizer)  # callbacks, then this module (as in Lightning 0.7 and 2.x)
+        elif self._trainer is None:
+            self.on_before_zero_grad(optimizer)
+        self.optimizer_zero_grad(current_epoch, batch_nb, optimizer)
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
+        """Zero ``optimizer``'s gradients; called by the default ``optimizer_step`` after the step.
+
+        Override to change how (Lightning 2's hook of the same name), e.g.
+        ``optimizer.zero_grad(set_to_none=False)``.
+        """
         optimizer.zero_grad()
 
     def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
@@ -240,8 +324,24 @@ class TrainingModule(torch.nn.Module):
         else:
             scheduler.step(metric)
 
+    def configure_callbacks(self) -> Any:
+        """Callbacks this module brings (a callback or a list), added to the trainer's at the start of
+        ``fit``/``validate``/``test``. As in Lightning, one replaces a trainer callback of the same type,
+        and ``ModelCheckpoint`` callbacks run last."""
+        return []
+
     # -- data (optional) --------------------------------------------------------------------------
     # train_dataloader / val_dataloader / test_dataloader are looked up by name when defined.
+    def prepare_data(self) -> None:
+        """Download or write data, once per machine (the local main process), before ``setup``."""
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Change a batch after it reached the device (e.g. GPU augmentation); return the batch.
+
+        Called for every training (``dataloader_idx`` 0), validation and test batch, before
+        ``on_*_batch_start``. (A ``DataModule`` may define it instead; the DataModule's wins.)
+        """
+        return batch
 
     # -- hooks (no-ops) -------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -318,6 +418,26 @@ class TrainingModule(torch.nn.Module):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """On an accumulation boundary, after clipping, before ``optimizer_step``."""
+
+    def on_before_zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
+        """Called by the default ``optimizer_step`` after the step, right before the gradients are zeroed."""
+
+    def on_validation_model_eval(self) -> None:
+        """Put the module in eval mode for validation (default ``self.eval()``)."""
+        self.eval()
+
+    def on_validation_model_train(self) -> None:
+        """After validation during fit. Not overridden: every submodule gets back the mode it had before
+        validation (a frozen submodule kept in eval stays in eval). Overridden: only this runs."""
+        self.train()
+
+    def on_test_model_eval(self) -> None:
+        """Put the module in eval mode for testing (default ``self.eval()``)."""
+        self.eval()
+
+    def on_test_model_train(self) -> None:
+        """After testing; like :meth:`on_validation_model_train`."""
+        self.train()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Add entries to a checkpoint being saved."""

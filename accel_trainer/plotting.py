@@ -7,15 +7,19 @@ the non-interactive Agg backend), so importing accel_trainer never needs it.
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import re
 from typing import Any
 
 METRICS_FILE = "metrics.csv"
-# Columns of LearningRateMonitor (lr-Adam, lr-SGD-1, lr-Adam/pg2, ...) and its momentum twins.
+#: LearningRateMonitor's record of its columns (a named scheduler's column is just its name).
+LR_COLUMNS_FILE = "lr_columns.json"
+# Columns of LearningRateMonitor without that record (lr-Adam, lr-Adam-1, lr-Adam/pg2, ...) and
+# its momentum / weight-decay twins (lr-Adam-momentum, lr-Adam/pg1-weight_decay, ...).
 _LR_COLUMN = re.compile(r"^(lr|lr-.*|lr/.*)$")
-_MOMENTUM_COLUMN = re.compile(r"^momentum-.*$")
+_MOMENTUM_COLUMN = re.compile(r"^momentum-.*$|.*-momentum$|.*-weight_decay$")
 _STAGE_PREFIX = re.compile(r"^(train|val|valid|validation|test)[_/]")
 _REDUCTION_SUFFIX = re.compile(r"[_/](step|epoch)$")
 _NOT_METRICS = ("step", "epoch")
@@ -72,7 +76,8 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
     * ``metrics.png``: one panel per metric family (``train_loss``, ``train_loss_epoch`` and
       ``val_loss`` share the ``loss`` panel), value vs global step, with epoch boundaries.
     * ``lr.png``: every optimizer's learning rate vs global step (``LearningRateMonitor``
-      columns), written when the run logged any.
+      columns: those it recorded in ``lr_columns.json``, e.g. a named scheduler's ``my_lr``,
+      and any ``lr-*`` column), written when the run logged any.
 
     Args:
         run_dir: the run directory holding ``metrics.csv`` (``trainer.log_dir``).
@@ -95,12 +100,17 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
     epoch_starts = _epoch_starts(series.get("epoch", []))
     written = []
 
-    families = metric_families([n for n in series if n not in _NOT_METRICS and not _is_lr(n)])
+    recorded_lr, recorded_other = _recorded_lr_columns(run_dir)
+
+    def is_lr_related(name: str) -> bool:
+        return name in recorded_lr or name in recorded_other or _is_lr(name)
+
+    families = metric_families([n for n in series if n not in _NOT_METRICS and not is_lr_related(n)])
     if families:
         path = os.path.join(out_dir, "metrics.png")
         _plot_families(plt, series, families, epoch_starts, f"{title}: logged metrics", path)
         written.append(path)
-    lr_names = sorted(lr_columns(series))
+    lr_names = sorted(lr_columns(series, run_dir))
     if lr_names:
         path = os.path.join(out_dir, "lr.png")
         _plot_lrs(plt, series, lr_names, epoch_starts, f"{title}: learning rate per optimizer", path)
@@ -108,13 +118,23 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
     return written
 
 
-def lr_columns(names: Any) -> list[str]:
-    """The learning-rate columns among ``names`` (``LearningRateMonitor``'s ``lr-*`` and ``lr/*``), in order.
+def lr_columns(names: Any, run_dir: str | os.PathLike | None = None) -> list[str]:
+    """The learning-rate columns among ``names``, in order.
 
-    Tools that compare learning rates find them through this rather than by exact names,
-    which follow the optimizers and the monitor's naming rules.
+    ``LearningRateMonitor`` records its columns in ``{run_dir}/lr_columns.json`` (a named
+    scheduler's column has no ``lr`` in its name, and ``lr-Adam-momentum`` is not a learning
+    rate); without that record (an older run, or ``run_dir`` not given) the ``lr``/``lr-*``/
+    ``lr/*`` columns count, momentum and weight-decay ones excepted. Tools that compare
+    learning rates find them through this rather than by exact names.
     """
-    return [n for n in names if n is not None and _LR_COLUMN.match(n)]
+    recorded_lr, recorded_other = _recorded_lr_columns(os.fspath(run_dir)) if run_dir is not None else (set(), set())
+
+    def is_lr(name: str) -> bool:
+        if name in recorded_lr:
+            return True
+        return name not in recorded_other and bool(_LR_COLUMN.match(name)) and not _MOMENTUM_COLUMN.match(name)
+
+    return [n for n in names if n is not None and is_lr(n)]
 
 
 def metric_families(names: list[str]) -> dict[str, list[str]]:
@@ -139,6 +159,20 @@ def _stage(name: str) -> str:
 
 def _is_lr(name: str) -> bool:
     return bool(_LR_COLUMN.match(name) or _MOMENTUM_COLUMN.match(name))
+
+
+def _recorded_lr_columns(run_dir: str) -> tuple[set[str], set[str]]:
+    """The learning-rate columns, and their momentum / weight-decay twins, that LearningRateMonitor recorded."""
+    try:
+        with open(os.path.join(run_dir, LR_COLUMNS_FILE)) as f:
+            recorded = json.load(f)
+    except (OSError, ValueError):
+        return set(), set()
+    if not isinstance(recorded, dict):
+        return set(), set()
+    lrs = {str(n) for n in recorded.get("lr", [])}
+    others = {str(n) for kind in ("momentum", "weight_decay") for n in recorded.get(kind, [])}
+    return lrs, others
 
 
 def _number(cell: Any) -> float | None:

@@ -12,6 +12,9 @@ Two mechanisms, both driven by explicit counters in :class:`~accel_trainer.state
 * :class:`SchedulerRunner` decides when schedulers step: step-interval ones after every
   ``frequency``-th *real* step of their optimizer, epoch-interval ones after every
   ``frequency``-th epoch, plateau ones with the (already rank-reduced) monitored metric.
+  A step-interval plateau scheduler that is due waits for the end of its batch (after the
+  validation ``val_check_interval`` runs on that batch, as Lightning orders it), so it sees
+  the value of a validation that ran on the same batch, not the one before.
   It steps the user's scheduler exactly once per due step, whatever the number of
   processes (Accelerate's wrapper would step it ``num_processes`` times).
 """
@@ -149,6 +152,10 @@ class SchedulerRunner:
         num_optimizers: how many optimizers there are.
         step_fn: ``module.lr_scheduler_step(scheduler, metric)``.
         metrics: a callable returning the current ``callback_metrics`` mapping.
+        pending_plateau: where due step-interval plateau steps wait (indices into ``configs``)
+            until :meth:`flush_pending`; the trainer passes ``TrainingState.pending_plateau`` so
+            a checkpoint carries them. ``None``: they step at once (the LR-schedule simulator,
+            which runs no validation).
     """
 
     def __init__(
@@ -157,10 +164,13 @@ class SchedulerRunner:
         num_optimizers: int,
         step_fn: Callable[[Any, Any], None],
         metrics: Callable[[], dict],
+        pending_plateau: list[int] | None = None,
     ) -> None:
         self.configs = configs
         self._step_fn = step_fn
         self._metrics = metrics
+        self._pending = pending_plateau
+        self._index = {id(cfg): i for i, cfg in enumerate(configs)}
         self.step_schedulers: list[list[SchedulerConfig]] = [[] for _ in range(num_optimizers)]
         self.epoch_schedulers: list[SchedulerConfig] = []
         for cfg in configs:
@@ -174,7 +184,19 @@ class SchedulerRunner:
         for n in range(steps_before + 1, steps_after + 1):
             for cfg in self.step_schedulers[opt_idx]:
                 if n % cfg.frequency == 0:
-                    self._step(cfg)
+                    if cfg.reduce_on_plateau and self._pending is not None:
+                        self._pending.append(self._index[id(cfg)])
+                    else:
+                        self._step(cfg)
+
+    def flush_pending(self) -> None:
+        """Step the plateau schedulers that came due during this batch, with the current metrics."""
+        pending = self._pending
+        if pending:
+            due = list(pending)
+            pending.clear()
+            for i in due:
+                self._step(self.configs[i])
 
     def after_epoch(self, completed_epochs: int) -> None:
         """Advance epoch-interval schedulers after the ``completed_epochs``-th epoch."""

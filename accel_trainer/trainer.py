@@ -9,6 +9,7 @@ Where every hook fires during ``fit`` (callbacks first, then the module, as in L
     for epoch:
         on_train_epoch_start
         for batch_idx, batch in train data:
+            on_after_batch_transfer(batch, 0)               # module (or DataModule) hook, batch on its device
             on_train_batch_start(batch, batch_idx)          # module may return -1 to end the epoch
             for optimizer_i in the optimizers due (optimizer dict "frequency"):
                 only optimizer_i's parameters require grad
@@ -17,15 +18,25 @@ Where every hook fires during ``fit`` (callbacks first, then the module, as in L
                 on an accumulation boundary:
                     clip gradients; on_before_optimizer_step(optimizer)
                     optimizer_step(epoch, batch_idx, optimizer, optimizer_i, closure)
+                        # the default: optimizer.step(); on_before_zero_grad(optimizer); optimizer_zero_grad(...)
                     step-interval schedulers of optimizer_i advance after each real step
+                    (a step-interval ReduceLROnPlateau waits for the end of the batch, below)
             global_step += 1 on a boundary
             on_train_batch_end(outputs, batch, batch_idx)
-            validation when val_check_interval says so
-        validation (on_validation_start, on_validation_epoch_start, ..._epoch_end, on_validation_end)
+            validation when val_check_interval says so (not after the epoch's last batch)
+            step-interval plateau schedulers that came due in this batch advance
+        validation (on_validation_model_eval, on_validation_start, on_validation_epoch_start, batches,
+                    ..._epoch_end, on_validation_end, on_validation_model_train)
+        step-interval plateau schedulers due after the last batch advance
         on_train_epoch_end (callbacks that do not monitor metrics, then the module)
         epoch-interval schedulers advance (plateau ones with the rank-reduced monitored value)
         on_train_epoch_end of ModelCheckpoint / EarlyStopping; checkpoints/last.ckpt written
     on_train_end; on_fit_end; teardown("fit")
+
+ModelCheckpoint and EarlyStopping act at the epoch end shown above when validation runs
+exactly once per epoch at its end (or not at all); otherwise in on_validation_end of every
+validation run during fit (``trainer.monitor_at_validation_end``, Lightning's rule). A stop
+decided there ends the epoch right after that validation.
 """
 
 from __future__ import annotations
@@ -47,10 +58,19 @@ from . import checkpoint as ckpt_io
 from . import lockstep as lockstep_mod
 from . import data as data_utils
 from .callbacks.base import Callback
+from .callbacks.early_stopping import EarlyStopping
+from .callbacks.model_checkpoint import ModelCheckpoint
 from .engines import RunRequest, check_requested_engine, engine_for, requested_engine
 from .errors import ConfigurationError, TrainingError
-from .loggers import CSVTracker, build_trackers, log_hyperparams, normalise_log_with
+from .loggers import CSVTracker, LoggerView, build_trackers, log_hyperparams, normalise_log_with, tracker_name
 from .metrics import MetricCollector
+from .migration import (
+    accelerator_string_message,
+    check_eval_step_signature,
+    check_precision_device,
+    check_training_step_signature,
+    refuse_lightning_arguments,
+)
 from .module import TrainingModule
 from .preemption import Preempted, PreemptionPoll, PreemptionWatcher, exit_code_for
 from .progress import make_progress
@@ -262,7 +282,11 @@ class Trainer:
 
     Raises:
         ConfigurationError: for any argument outside its allowed values (checked here, before
-            anything runs); at the start of ``fit`` for a bad ``configure_optimizers`` output,
+            anything runs); for a PyTorch Lightning argument this Trainer does not take
+            (``devices``, ``precision``, ``strategy``, ``accumulate_grad_batches`` …), naming the
+            equivalent; for ``mixed_precision="fp16"`` on a process without a GPU; at the start
+            of ``fit`` for a bad ``configure_optimizers`` output, a ``training_step`` whose
+            ``optimizer_idx`` argument does not fit the number of optimizers,
             LBFGS with gradient accumulation or fp16, manual optimization with gradient
             accumulation or clipping, an empty dataloader, and what the launched FSDP or
             DeepSpeed engine cannot run (:func:`accel_trainer.engines.check_engine_support`).
@@ -272,6 +296,7 @@ class Trainer:
         >>> trainer.fit(model, train_loader, val_loader)
     """
 
+    @refuse_lightning_arguments
     def __init__(
         self,
         max_epochs: int | None = None,
@@ -330,6 +355,7 @@ class Trainer:
             )
         _check_launch(accelerator)
         check_requested_engine(accelerator)
+        check_precision_device(accelerator)
         self._accelerator = accelerator
         self.gradient_accumulation_steps = accelerator.gradient_accumulation_steps
 
@@ -346,6 +372,11 @@ class Trainer:
         self.training = False
         #: the resolved configuration of a command-line run, logged with the hyperparameters
         self.run_config: dict[str, Any] | None = None
+        self._monitor_on_validation = False
+        self._tracking = False
+        self._progress_bar: Any = None
+        self._train_loader: Any = None
+        self._train_loader_raw: Any = None
 
     # -- facts ----------------------------------------------------------------------------------
     @property
@@ -408,6 +439,112 @@ class Trainer:
     def module(self) -> TrainingModule | None:
         return self._module
 
+    @property
+    def global_rank(self) -> int:
+        """This process's rank among all processes."""
+        return self._accelerator.process_index
+
+    @property
+    def local_rank(self) -> int:
+        """This process's rank on its machine."""
+        return self._accelerator.local_process_index
+
+    @property
+    def monitor_at_validation_end(self) -> bool:
+        """True while ``ModelCheckpoint``/``EarlyStopping`` act at the end of each validation run.
+
+        Lightning's rule: when validation does not run exactly once per epoch at its end
+        (``check_val_every_n_epoch`` > 1, or validations inside the epoch through
+        ``val_check_interval``), the callbacks act in ``on_validation_end`` of every validation
+        run during fit; otherwise (and without validation) once per epoch, after the epoch's
+        schedulers. Never during the sanity check, ``validate()`` or ``test()``.
+        """
+        return self._monitor_on_validation and self.training and not self.sanity_checking
+
+    @property
+    def checkpoint_callbacks(self) -> list[ModelCheckpoint]:
+        return [cb for cb in self.callbacks if isinstance(cb, ModelCheckpoint)]
+
+    @property
+    def checkpoint_callback(self) -> ModelCheckpoint | None:
+        """The first ``ModelCheckpoint`` among the callbacks (``None`` without one), as in Lightning."""
+        found = self.checkpoint_callbacks
+        return found[0] if found else None
+
+    @property
+    def early_stopping_callbacks(self) -> list[EarlyStopping]:
+        return [cb for cb in self.callbacks if isinstance(cb, EarlyStopping)]
+
+    @property
+    def early_stopping_callback(self) -> EarlyStopping | None:
+        """The first ``EarlyStopping`` among the callbacks (``None`` without one)."""
+        found = self.early_stopping_callbacks
+        return found[0] if found else None
+
+    @property
+    def loggers(self) -> list[LoggerView]:
+        """The run's trackers through Lightning's logger API (while ``fit``/``validate``/``test`` run).
+
+        On the main process, one :class:`~accel_trainer.loggers.LoggerView` per tracker; on the
+        other ranks (trackers run on the main process only) as many views whose calls do nothing.
+        Empty outside a run.
+        """
+        if not self._tracking:
+            return []
+        if self._accelerator.is_main_process:
+            return [LoggerView(t, self, tracker_name(t)) for t in self._trackers]
+        return [LoggerView(None, self, tracker_name(item)) for item in self._log_with]
+
+    @property
+    def logger(self) -> LoggerView | None:
+        """The first of :attr:`loggers` (``None`` when nothing logs), as Lightning's ``trainer.logger``."""
+        found = self.loggers
+        return found[0] if found else None
+
+    @property
+    def estimated_stepping_batches(self) -> int | float:
+        """How many ``global_step``s this ``fit`` will take (optimizer steps of each optimizer, without frequency).
+
+        Lightning's formula: ``ceil(batches per epoch / gradient_accumulation_steps) * max_epochs``
+        (batches per process, after ``limit_train_batches``), capped by ``max_steps``; ``max_steps``
+        (or ``inf``) for a dataloader without length. Usable from ``configure_optimizers``, e.g.
+        ``OneCycleLR(opt, max_lr, total_steps=self.trainer.estimated_stepping_batches)``.
+
+        Raises:
+            ConfigurationError: outside ``fit`` (there is no training dataloader to count).
+        """
+        if self._train_loader is not None:
+            length = data_utils.loader_length(self._train_loader)
+        elif self._train_loader_raw is not None:
+            length = data_utils.loader_length(self._train_loader_raw)
+            processes = self._accelerator.num_processes
+            if length is not None and processes > 1 and not getattr(self._accelerator, "split_batches", False):
+                length = math.ceil(length / processes)  # Accelerate's even sharding: batches per process
+        else:
+            raise ConfigurationError(
+                "trainer.estimated_stepping_batches is known once fit() has its training dataloader (read it in "
+                "configure_optimizers or later during fit)."
+            )
+        limit = data_utils.limit_batches(self.limit_train_batches, length, "limit_train_batches")
+        batches = limit if limit != math.inf else length
+        if batches is None:
+            return self.max_steps if self.max_steps >= 0 else math.inf
+        steps: int | float = math.inf
+        if self.max_epochs is not None:
+            steps = math.ceil(batches / self.gradient_accumulation_steps) * max(self.max_epochs, 1)
+        return min(steps, self.max_steps) if self.max_steps >= 0 else steps
+
+    def print(self, *args: Any, **kwargs: Any) -> None:
+        """``print`` on the main process only, through the progress bar when one is drawn (``self.print``)."""
+        if not self._accelerator.is_main_process:
+            return
+        bar = self._progress_bar
+        write = getattr(type(bar), "write", None) if bar is not None else None
+        if callable(write) and "file" not in kwargs:
+            write(kwargs.get("sep", " ").join(str(a) for a in args), end=kwargs.get("end", "\n"))
+        else:
+            print(*args, **kwargs)
+
     # -- fit ------------------------------------------------------------------------------------
     def fit(
         self,
@@ -441,6 +578,10 @@ class Trainer:
             data_utils.check_not_empty(train_loaders[0], "training")
             for loader in val_loaders:
                 data_utils.check_not_empty(loader, "validation")
+            if val_loaders:
+                check_eval_step_signature(module, "validation_step", len(val_loaders))
+            # what trainer.estimated_stepping_batches counts while configure_optimizers runs
+            self._train_loader, self._train_loader_raw = None, train_loaders[0]
 
             config = self._configure_optimizers(module)
             self._validate_against_module(module, config)
@@ -454,12 +595,18 @@ class Trainer:
                 # before the step hooks exist: torch's sharded-state API may initialise an
                 # optimizer with a zero-lr step, which must not count as a training step
                 self._restore(ckpt_path)
+                _mark_stepped(self._optimizers, self.state.optimizer_steps)
             self._step_tracker = StepTracker(
                 self._optimizers, self.state, self._warmup_per_optimizer(len(self._optimizers))
             )
             self._runner = SchedulerRunner(
-                self._scheduler_configs, len(self._optimizers), module.lr_scheduler_step, lambda: self.callback_metrics
+                self._scheduler_configs,
+                len(self._optimizers),
+                module.lr_scheduler_step,
+                lambda: self.callback_metrics,
+                pending_plateau=self.state.pending_plateau,
             )
+            self._monitor_on_validation = self._validation_not_once_per_epoch()
             # The run really starts here: a config or checkpoint refused above left the run
             # directory's records (config.yaml, metrics.csv, hparams.json, run_status.json) as they were.
             nothing_to_do = ckpt_path is not None and self._done()
@@ -514,17 +661,16 @@ class Trainer:
         module, state, metrics = self._module, self.state, self._metrics
         epoch = state.current_epoch
         loader = self._train_loader
-        length = data_utils.loader_length(loader)
-        limit = data_utils.limit_batches(self.limit_train_batches, length, "limit_train_batches")
-        n_batches = limit if limit != math.inf else length
+        n_batches, limit = self._batches_per_epoch()
         val_every = self._val_every(n_batches)
-        validate_this_epoch = bool(self._val_loaders) and (epoch + 1) % self.check_val_every_n_epoch == 0
+        validate_this_epoch = self._validates_in_epoch(epoch)
+        check_val = validate_this_epoch and bool(val_every)  # validations inside this epoch
         accumulate = self.gradient_accumulation_steps
+        transfer = self._transfer
 
         metrics.stage = "train"
         metrics.epoch = epoch
         metrics.reset_stage("train")
-        module.train()
         self._hooks("on_train_epoch_start")
         self._warn_if_no_step_logging(n_batches)
         self._epoch_first_step = state.global_step
@@ -533,16 +679,22 @@ class Trainer:
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
         iterator = self._epoch_iterator(loader, skip)
-        progress = self._progress(n_batches, epoch, skip)
+        progress = self._progress_bar = self._progress(n_batches, epoch, skip)
         stopped_by_steps = False
+        # resumed from a checkpoint written inside a batch: first what was still due after it
+        stop = self._finish_resumed_batch(skip, n_batches, val_every, validate_this_epoch)
         batch_idx = skip - 1
         for batch_idx in itertools.count(skip):
-            if batch_idx >= limit:
+            if stop or batch_idx >= limit:
+                if self._resume is not None:
+                    next(iterator, None)  # nothing left to train: still replay the epoch's shuffling draw and RNG
                 break
             try:
                 batch = next(iterator)
             except StopIteration:
                 break
+            if transfer is not None:
+                batch = transfer(batch, 0)
             metrics.set_batch(batch)
             if self._hooks("on_train_batch_start", batch, batch_idx) == -1:
                 break
@@ -557,29 +709,36 @@ class Trainer:
             self._hooks("on_train_batch_end", outputs, batch, batch_idx)
             if progress is not None:
                 progress.update(1)
+            last = n_batches is not None and batch_idx + 1 >= n_batches
             if self.max_steps >= 0 and state.global_step >= self.max_steps:
-                stopped_by_steps = n_batches is None or batch_idx + 1 < n_batches
+                stopped_by_steps = not last
+                if stopped_by_steps:
+                    # a pause after a complete batch: its validation (if due) and plateau steps included
+                    self._finish_batch(batch_idx + 1, val_every, validate_this_epoch)
                 break
             if self._should_stop_now(is_boundary):
-                break
-            if validate_this_epoch and val_every and (batch_idx + 1) % val_every == 0 and (
-                n_batches is None or batch_idx + 1 < n_batches
-            ):
-                self._run_validation()
+                break  # the epoch ends here, with its validation (as Lightning validates on a stop)
+            if (check_val or state.pending_plateau) and not last:
+                if self._finish_batch(batch_idx + 1, val_every, validate_this_epoch):
+                    break  # a validation decided to stop (EarlyStopping): the epoch ends right after it
         if stopped_by_steps:
             # A max_steps stop inside an epoch is a pause, not an epoch end: the position is kept
             # so that resuming with a larger max_steps continues this very epoch.
             self._close_progress(progress)
+            self._progress_bar = None
             self._end_train_epoch_metrics()
             return True
-        if validate_this_epoch:
+        if validate_this_epoch and state.validated_at != state.batches_done_in_epoch:
             self._run_validation()
         # closed after the epoch's validation, so its last line shows this epoch's values
         self._close_progress(progress)
+        self._progress_bar = None
+        if self._automatic:
+            self._runner.flush_pending()  # step-interval plateau schedulers due on the last batch
         self._end_train_epoch_metrics()
         self._hooks("on_train_epoch_end", monitoring=False)
         state.current_epoch = epoch + 1
-        state.batches_done_in_epoch = 0
+        state.start_epoch()
         if self._automatic:  # as in Lightning, manual optimization steps its own schedulers
             self._runner.after_epoch(epoch + 1)
         self._check_rank_sync()
@@ -594,6 +753,55 @@ class Trainer:
             self._preempt(None, save=False)  # last.ckpt was just written at this epoch boundary
         self._update_run_status()
         return False
+
+    def _batches_per_epoch(self) -> tuple[int | None, int | float]:
+        """(batches this epoch trains, or None when unknown; the ``limit_train_batches`` bound)."""
+        length = data_utils.loader_length(self._train_loader)
+        limit = data_utils.limit_batches(self.limit_train_batches, length, "limit_train_batches")
+        return (limit if limit != math.inf else length), limit
+
+    def _validates_in_epoch(self, epoch: int) -> bool:
+        return bool(self._val_loaders) and self.limit_val_batches != 0 and (epoch + 1) % self.check_val_every_n_epoch == 0
+
+    def _validation_not_once_per_epoch(self) -> bool:
+        """Lightning's condition for ModelCheckpoint/EarlyStopping to act after each validation run."""
+        if not self._val_loaders or self.limit_val_batches == 0:
+            return False  # no validation: they act at each epoch end
+        if self.check_val_every_n_epoch != 1:
+            return True
+        n_batches, _ = self._batches_per_epoch()
+        every = self._val_every(n_batches)
+        return every is not None and (n_batches is None or every < n_batches)
+
+    def _finish_batch(self, done: int, val_every: int | None, validate_this_epoch: bool) -> bool:
+        """After the ``done``-th batch of the epoch (not its last): the validation due there, then the
+        step-interval plateau steps that waited for it. Returns True when training stops
+        (decided in that validation, e.g. by EarlyStopping; agreed by every rank)."""
+        stop = False
+        if validate_this_epoch and val_every and done % val_every == 0 and self.state.validated_at != done:
+            self._run_validation()
+            stop = self.should_stop = self._any_rank(self.should_stop)
+        if self._automatic:
+            self._runner.flush_pending()
+        return stop
+
+    def _finish_resumed_batch(self, skip: int, n_batches: int | None, val_every: int | None, validate_this_epoch: bool) -> bool:
+        """Resumed from a checkpoint written inside batch ``skip`` - 1 (in ``on_train_batch_end``, by a
+        preemption, or in ``on_validation_end``): run what was still due after that batch -- its
+        validation unless the checkpoint says it ran, then the plateau steps waiting for it --
+        from the RNG state of the save, as the uninterrupted run did. (After an epoch's last batch
+        this happens at the epoch end instead.) Returns True when that validation stops training."""
+        resume = self._resume
+        if resume is None or not skip or (n_batches is not None and skip >= n_batches):
+            return False
+        due = validate_this_epoch and bool(val_every) and skip % val_every == 0 and self.state.validated_at != skip
+        if not due and not self.state.pending_plateau:
+            return False
+        self._epoch_start = resume["epoch_start"]
+        ckpt_io.restore_rng_state(resume["rng"])
+        stop = self._finish_batch(skip, val_every, validate_this_epoch)
+        resume["rng"] = ckpt_io.capture_rng_state()  # the batches that follow start from here
+        return stop
 
     def _epoch_iterator(self, loader: Any, skip: int) -> Iterable:
         """This epoch's batches, resuming exactly after ``skip`` batches when restored mid-epoch.
@@ -885,7 +1093,8 @@ class Trainer:
         self._hooks.callbacks_only("on_sanity_check_end")
         self.sanity_checking = False
 
-    def _evaluate(self, stage: str, loaders: list, limit: Any, log: bool) -> dict[str, float]:
+    def _evaluate(self, stage: str, loaders: list, limit: Any, log: bool) -> list[dict[str, float]]:
+        """One validation/test/sanity run over ``loaders``; returns one results dict per dataloader."""
         module, metrics = self._module, self._metrics
         kind = "test" if stage == "test" else "validation"
         step_name = "test_step" if stage == "test" else "validation_step"
@@ -893,18 +1102,21 @@ class Trainer:
         previous_stage = metrics.stage
         metrics.stage = stage
         metrics.reset_stage(stage)
-        was_training = module.training
-        module.eval()
+        modes = [(m, m.training) for m in module.modules()]  # restored afterwards, submodule by submodule
+        getattr(module, f"on_{kind}_model_eval")()
         self._hooks(f"on_{kind}_start")
         self._hooks(f"on_{kind}_epoch_start")
         limits = [data_utils.limit_batches(limit, data_utils.loader_length(dl), "limit_val_batches") for dl in loaders]
         lockstep = self._engine.forward_is_collective and self.accelerator.num_processes > 1
         if lockstep:
             targets, template_rank = lockstep_mod.agree_on_batch_counts([int(n) for n in limits], self.accelerator)
+        several = len(loaders) > 1
+        transfer = self._transfer
         with torch.no_grad():
             for dl_idx, loader in enumerate(loaders):
+                metrics.dataloader_idx = dl_idx if several else None
                 n = limits[dl_idx]
-                extra = (dl_idx,) if len(loaders) > 1 else ()
+                extra = (dl_idx,) if several else ()
                 iterator = iter(loader)
                 first = next(iterator, None) if n > 0 else None
                 template = first
@@ -917,16 +1129,19 @@ class Trainer:
                     if batch_idx >= n:
                         break
                     done = batch_idx + 1
+                    if transfer is not None:
+                        batch = transfer(batch, dl_idx)
                     metrics.set_batch(batch)
                     self._hooks(f"on_{kind}_batch_start", batch, batch_idx, *extra)
                     output = self._wrapped(step_name, batch, batch_idx, *extra)
-                    entry = metrics.entries(stage).get(auto_name)
-                    if isinstance(output, torch.Tensor) and output.numel() == 1 and (entry is None or entry.name == auto_name and getattr(entry, "auto", False)):
-                        metrics.log(auto_name, output, on_step=False, on_epoch=True)
-                        metrics.entries(stage)[auto_name].auto = True
+                    metrics.log_returned(auto_name, output)
                     self._hooks(f"on_{kind}_batch_end", output, batch, batch_idx, *extra)
                 if lockstep:
-                    lockstep_mod.run_fillers(self._wrapped, step_name, template, done, targets[dl_idx] - done, extra, metrics)
+                    filler = lockstep_mod.empty_like(template)
+                    if transfer is not None and filler is not None:
+                        filler = transfer(filler, dl_idx)
+                    lockstep_mod.run_fillers(self._wrapped, step_name, filler, done, targets[dl_idx] - done, extra, metrics)
+        metrics.dataloader_idx = None
         metrics.in_epoch_end = True
         try:
             self._hooks(f"on_{kind}_epoch_end")
@@ -937,18 +1152,25 @@ class Trainer:
             # during fit a validation row says which epoch it belongs to, as every training row does
             row = {**results, "epoch": self.state.current_epoch} if self.training else results
             self._log_to_trackers(row, self.state.global_step)
+        if stage == "validate" and self.training:
+            # before on_validation_end: a checkpoint written there records that this validation ran
+            self.state.validated_at = self.state.batches_done_in_epoch
         self._hooks(f"on_{kind}_end")
         metrics.stage = previous_stage
-        if was_training:
-            module.train()
-        return results
+        train_hook = f"on_{kind}_model_train"
+        if getattr(type(module), train_hook) is not getattr(TrainingModule, train_hook):
+            getattr(module, train_hook)()
+        else:
+            for m, training in modes:
+                m.training = training
+        return metrics.results_by_dataloader(stage, results, len(loaders))
 
     def validate(self, module: TrainingModule, dataloaders: Any = None, datamodule: Any = None) -> list[dict]:
-        """Run one validation pass; returns ``[metrics]``."""
+        """Run one validation pass; returns one dict of metrics per dataloader (as Lightning)."""
         return self._eval_entry("validate", module, dataloaders, datamodule, "val_dataloader")
 
     def test(self, module: TrainingModule, dataloaders: Any = None, datamodule: Any = None) -> list[dict]:
-        """Run one test pass; returns ``[metrics]``."""
+        """Run one test pass; returns one dict of metrics per dataloader (as Lightning)."""
         return self._eval_entry("test", module, dataloaders, datamodule, "test_dataloader")
 
     def _eval_entry(self, stage: str, module: TrainingModule, dataloaders: Any, datamodule: Any, factory: str) -> list[dict]:
@@ -961,12 +1183,12 @@ class Trainer:
                 )
             for loader in loaders:
                 data_utils.check_not_empty(loader, stage)
+            check_eval_step_signature(module, "test_step" if stage == "test" else "validation_step", len(loaders))
             self._prepare_model_only(module)
             prepared = [self._prepare_loader(dl, even_batches=False) for dl in loaders]
             # validate/test log into their own directory, never into the training run's tables
             self._start_trackers(module, log_dir=os.path.join(self.log_dir, stage))
-            results = self._evaluate(stage, prepared, self.limit_val_batches if stage == "validate" else None, log=True)
-            return [results]
+            return self._evaluate(stage, prepared, self.limit_val_batches if stage == "validate" else None, log=True)
         finally:
             self._teardown(stage, datamodule)
 
@@ -986,9 +1208,11 @@ class Trainer:
             _seed_everything(self.seed)
         self._module = module
         module.trainer = self
+        self.callbacks = self._with_module_callbacks(module)
         self._metrics = MetricCollector(self.accelerator.device, self.accelerator.num_processes, module)
         self._hooks = _Hooks(self, module, self.callbacks)
         self._engine = engine_for(self.accelerator)
+        self._transfer = _batch_transfer_hook(module, datamodule)
         self._last_output = None
         self._last_loss = None
         self._last_losses: dict[int, torch.Tensor] = {}
@@ -1004,13 +1228,43 @@ class Trainer:
         self._agree_on_nonfinite = self.accelerator.num_processes > 1 and not self._nonfinite_is_fatal()
         self._epoch_start: dict[str, Any] | None = None
         self.nonfinite_skips = 0
-        if datamodule is not None:
-            if self.accelerator.is_local_main_process and callable(getattr(datamodule, "prepare_data", None)):
-                datamodule.prepare_data()
+        module_prepares = type(module).prepare_data is not TrainingModule.prepare_data
+        if datamodule is not None or module_prepares:
+            # once per machine, before setup; the DataModule's first, then the module's (as in Lightning)
+            if self.accelerator.is_local_main_process:
+                if datamodule is not None and callable(getattr(datamodule, "prepare_data", None)):
+                    datamodule.prepare_data()
+                if module_prepares:
+                    module.prepare_data()
             self.accelerator.wait_for_everyone()
-            if callable(getattr(datamodule, "setup", None)):
-                datamodule.setup(stage)
+        if datamodule is not None and callable(getattr(datamodule, "setup", None)):
+            datamodule.setup(stage)
         self._hooks("setup", stage)
+
+    def _with_module_callbacks(self, module: TrainingModule) -> list[Callback]:
+        """The trainer's callbacks plus ``module.configure_callbacks()``, in Lightning's order.
+
+        A module callback replaces the trainer's callbacks of its type (or a parent type), and
+        ``ModelCheckpoint`` callbacks go last, so that a checkpoint holds the state the other
+        callbacks reached at the same check (e.g. EarlyStopping's patience count).
+        """
+        callbacks = list(self.callbacks)
+        extra = module.configure_callbacks()
+        if extra:
+            extra = list(extra) if isinstance(extra, (list, tuple)) else [extra]
+            for cb in extra:
+                if not isinstance(cb, Callback):
+                    raise ConfigurationError(
+                        f"{type(module).__name__}.configure_callbacks() returned a {type(cb).__name__}; return an "
+                        "accel_trainer.Callback or a list of them."
+                    )
+            replaced = {
+                type(cb) for cb in callbacks if type(cb) is not Callback and any(isinstance(m, type(cb)) for m in extra)
+            }
+            callbacks = [cb for cb in callbacks if type(cb) not in replaced] + extra
+        return [cb for cb in callbacks if not isinstance(cb, ModelCheckpoint)] + [
+            cb for cb in callbacks if isinstance(cb, ModelCheckpoint)
+        ]
 
     def _teardown(self, stage: str, datamodule: Any) -> None:
         tracker = getattr(self, "_step_tracker", None)
@@ -1023,6 +1277,7 @@ class Trainer:
             except Exception as err:  # a tracker failing to close must not mask the run's own error
                 warnings.warn(f"Tracker {type(t).__name__} failed to finish: {err}", UserWarning)
         self._trackers = []
+        self._tracking = False
         if datamodule is not None and callable(getattr(datamodule, "teardown", None)):
             datamodule.teardown(stage)
         self._hooks("teardown", stage)
@@ -1034,6 +1289,7 @@ class Trainer:
     def _validate_against_module(self, module: TrainingModule, config: OptimizationConfig) -> None:
         """Combinations that only make sense once the module's optimizers are known."""
         automatic = getattr(module, "automatic_optimization", True)
+        check_training_step_signature(module, len(config.optimizers), automatic)
         needs_closure = [i for i, o in enumerate(config.optimizers) if requires_closure(o)]
         if needs_closure and self.gradient_accumulation_steps > 1:
             raise ConfigurationError(
@@ -1180,6 +1436,7 @@ class Trainer:
         When ``fit`` resumed from a checkpoint of this run directory, the CSV table is first cut
         back to the rows logged before that checkpoint, so no step appears twice.
         """
+        self._tracking = True
         self._csv_tracker = None
         if self._trackers or not self.accelerator.is_main_process:
             return
@@ -1430,8 +1687,35 @@ def _validate_trainer_args(args: dict[str, Any]) -> None:
     if not isinstance(args["project_name"], str) or not args["project_name"]:
         fail("project_name", "expected a non-empty str")
     acc = args["accelerator"]
+    if isinstance(acc, str):
+        raise ConfigurationError(accelerator_string_message(acc))
     if acc is not None and not hasattr(acc, "prepare"):
         fail("accelerator", "expected None or an accelerate.Accelerator")
+
+
+def _mark_stepped(optimizers: list, steps: list[int]) -> None:
+    """Tell torch's schedulers that the optimizers which stepped before a checkpoint did step.
+
+    A resumed run may step a scheduler before its optimizer's first step in this process (a
+    plateau step still due after the checkpoint's batch, an epoch scheduler after a batch that
+    skipped that optimizer); torch would then warn "lr_scheduler.step() before optimizer.step()",
+    wrongly: nothing of the schedule is skipped. torch sets the same flag on every real step.
+    """
+    from .optim import unwrap_optimizer
+
+    for optimizer, count in zip(optimizers, steps):
+        if count:
+            unwrap_optimizer(optimizer)._opt_called = True
+
+
+def _batch_transfer_hook(module: TrainingModule, datamodule: Any) -> Callable | None:
+    """``on_after_batch_transfer`` of the DataModule or else the module, when one defines it (else None)."""
+    hook = getattr(datamodule, "on_after_batch_transfer", None) if datamodule is not None else None
+    if callable(hook):
+        return hook
+    if type(module).on_after_batch_transfer is not TrainingModule.on_after_batch_transfer:
+        return module.on_after_batch_transfer
+    return None
 
 
 def _seed_everything(seed: int) -> None:

@@ -439,3 +439,364 @@ def test_checkpoint_with_different_shapes_names_the_parameter(trainer_kwargs, tm
     with pytest.raises(CheckpointError, match=r"net\.weight"):
         Trainer(max_epochs=2, **{**trainer_kwargs, "default_root_dir": str(tmp_path / "b")}).fit(other, data, ckpt_path=path)
 
+
+
+# ---------------------------------------------------------------------------------------------
+# ModelCheckpoint / EarlyStopping when validation is not exactly once per epoch (issue 13)
+# The expected numbers below are what PyTorch Lightning 2.6.6 does on the same job (run side
+# by side: same data, schedule and callbacks; EarlyStopping/ModelCheckpoint/spy in that order).
+# ---------------------------------------------------------------------------------------------
+
+
+class _PerCheck(Regressor):
+    """Logs ``score`` = ``seq[k]`` in the k-th validation run of fit; records events."""
+
+    def __init__(self, seq):
+        super().__init__()
+        self.seq = seq
+        self.k = 0
+        self.events = []
+        self.train_batches = 0
+
+    def training_step(self, batch, batch_idx):
+        self.train_batches += 1
+        return super().training_step(batch, batch_idx)
+
+    def validation_step(self, batch, batch_idx):
+        self.log("score", float(self.seq[self.k]))
+
+    def on_validation_end(self):
+        self.k += 1
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=0.01)
+        return [opt], [torch.optim.lr_scheduler.StepLR(opt, 1, 0.5)]
+
+
+class _Spy(Callback):
+    """After EarlyStopping and ModelCheckpoint (which run last): what they decided, per hook."""
+
+    def __init__(self, es):
+        self.es = es
+        self.events = []
+
+    def on_validation_end(self, trainer, module):
+        self.events.append(("val_end", trainer.current_epoch, trainer.global_step, self.es.wait_count, trainer.should_stop))
+
+    def on_train_epoch_end(self, trainer, module):
+        self.events.append(("epoch_end", trainer.current_epoch, trainer.global_step, self.es.wait_count, trainer.should_stop))
+
+
+def _fit_per_check(trainer_kwargs, seq, patience, **kw):
+    es = EarlyStopping(monitor="score", patience=patience)
+    mc = ModelCheckpoint(monitor="score", save_top_k=-1)
+    spy = _Spy(es)
+    module = _PerCheck(seq)
+    # ModelCheckpoint listed first: it is moved after the other callbacks, as in Lightning
+    trainer = Trainer(callbacks=[mc, es, spy], **trainer_kwargs, **kw)
+    trainer.fit(module, loader(32, 8), loader(16, 8))
+    return trainer, module, es, mc, spy
+
+
+def _files(trainer_kwargs):
+    return sorted(n for n in os.listdir(_ckpt_dir(trainer_kwargs)) if n != "last.ckpt")
+
+
+SEQ_CHECKS = [5.0, 4.0, 4.5, 4.2, 3.0, 2.0, 1.0, 0.5]
+
+
+def test_check_val_every_n_epoch_callbacks_act_after_each_validation(trainer_kwargs):
+    """check_val_every_n_epoch=2: no error after epoch 0, patience counts validation checks."""
+    trainer, module, es, mc, spy = _fit_per_check(trainer_kwargs, SEQ_CHECKS, patience=2, max_epochs=8, check_val_every_n_epoch=2)
+    assert trainer.callbacks[-1] is mc  # ModelCheckpoint runs last
+    assert [e[:5] for e in spy.events if e[0] == "val_end"] == [
+        ("val_end", 1, 8, 0, False), ("val_end", 3, 16, 0, False), ("val_end", 5, 24, 1, False), ("val_end", 7, 32, 2, True),
+    ]
+    assert [e[3] for e in spy.events if e[0] == "epoch_end"] == [0, 0, 0, 0, 0, 1, 1, 2]  # epochs without validation count nothing
+    assert es.stopped_epoch == 7 and trainer.current_epoch == 8 and trainer.global_step == 32
+    assert _files(trainer_kwargs) == ["epoch=1-step=8.ckpt", "epoch=3-step=16.ckpt", "epoch=5-step=24.ckpt", "epoch=7-step=32.ckpt"]
+    assert mc.best_model_score == 4.0 and mc.best_model_path.endswith("epoch=3-step=16.ckpt")
+
+
+def test_check_val_every_n_epoch_non_strict_early_stopping_counts_checks_only(trainer_kwargs):
+    """strict=False used to count the epochs without validation as non-improvements and stop early."""
+    es = EarlyStopping(monitor="score", patience=1, strict=False)
+    module = _PerCheck([3.0, 2.0, 1.0])  # improves at every validation
+    trainer = Trainer(max_epochs=6, check_val_every_n_epoch=2, callbacks=[es], **trainer_kwargs)
+    trainer.fit(module, loader(32, 8), loader(16, 8))
+    assert trainer.current_epoch == 6 and not trainer.should_stop
+    assert es.wait_count == 0 and es.best_score == 1.0
+
+
+def test_val_check_interval_callbacks_act_after_each_validation(trainer_kwargs):
+    trainer, module, es, mc, spy = _fit_per_check(trainer_kwargs, SEQ_CHECKS, patience=2, max_epochs=4, val_check_interval=0.5)
+    assert [e for e in spy.events if e[0] == "val_end"] == [
+        ("val_end", 0, 2, 0, False), ("val_end", 0, 4, 0, False), ("val_end", 1, 6, 1, False), ("val_end", 1, 8, 2, True),
+    ]
+    assert es.stopped_epoch == 1 and trainer.current_epoch == 2 and trainer.global_step == 8
+    assert _files(trainer_kwargs) == ["epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt", "epoch=1-step=6.ckpt", "epoch=1-step=8.ckpt"]
+    assert mc.best_model_path.endswith("epoch=0-step=4.ckpt")
+
+
+def test_a_stop_decided_in_a_mid_epoch_validation_ends_the_epoch_there(trainer_kwargs):
+    trainer, module, es, mc, spy = _fit_per_check(trainer_kwargs, SEQ_CHECKS, patience=1, max_epochs=4, val_check_interval=0.5)
+    assert spy.events == [
+        ("val_end", 0, 2, 0, False), ("val_end", 0, 4, 0, False), ("epoch_end", 0, 4, 0, False),
+        ("val_end", 1, 6, 1, True), ("epoch_end", 1, 6, 1, True),
+    ]
+    assert module.train_batches == 6 and module.k == 3  # no batch and no validation after the stop
+    assert es.stopped_epoch == 1 and trainer.current_epoch == 2 and trainer.global_step == 6
+    last = _load(os.path.join(_ckpt_dir(trainer_kwargs), "last.ckpt"))["loops"]
+    assert (last["current_epoch"], last["global_step"], last["batches_done_in_epoch"]) == (2, 6, 0)
+
+
+def test_once_per_epoch_validation_keeps_acting_at_epoch_end(trainer_kwargs):
+    trainer, module, es, mc, spy = _fit_per_check(trainer_kwargs, SEQ_CHECKS, patience=2, max_epochs=8)
+    assert not trainer.monitor_at_validation_end
+    # at the end of epoch e the spy (also an epoch-end hook, before the monitoring callbacks) sees the previous count
+    assert trainer.global_step == 4 * NB and es.stopped_epoch == 3
+    assert _files(trainer_kwargs) == [f"epoch={e}-step={(e + 1) * NB}.ckpt" for e in range(4)]
+
+
+def test_checkpoint_at_most_once_per_global_step(trainer_kwargs):
+    """Validation after every batch with gradient_accumulation_steps=2: two validations share a
+    global_step, one file per step, nothing before the first step (Lightning's rule)."""
+    mc = ModelCheckpoint(monitor="score", save_top_k=-1)
+    module = _PerCheck([5.0, 4.0, 3.0, 2.0])
+    trainer = Trainer(max_epochs=1, val_check_interval=1, gradient_accumulation_steps=2, callbacks=[mc], **trainer_kwargs)
+    trainer.fit(module, loader(32, 8), loader(16, 8))
+    assert module.k == 4  # validated after each of the 4 batches (global_step 0, 1, 1, 2)
+    assert _files(trainer_kwargs) == ["epoch=0-step=1.ckpt", "epoch=0-step=2.ckpt"]
+    assert mc.best_k_models[mc.best_model_path] == 2.0
+
+
+def test_no_validation_data_callbacks_act_at_epoch_end(trainer_kwargs):
+    """Without validation there is nothing to wait for (Lightning would never check with check_val_every_n_epoch=2)."""
+
+    class TrainScore(Regressor):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            self.log("train_score", float(self.current_epoch), on_step=False, on_epoch=True)
+            return loss
+
+    mc = ModelCheckpoint(monitor="train_score", mode="max", save_top_k=-1)
+    trainer = Trainer(max_epochs=3, check_val_every_n_epoch=2, callbacks=[mc], **trainer_kwargs)
+    trainer.fit(TrainScore(), loader(32, 8))
+    assert _files(trainer_kwargs) == [f"epoch={e}-step={(e + 1) * NB}.ckpt" for e in range(3)]
+
+
+def test_callbacks_do_not_act_during_sanity_check_or_validate(trainer_kwargs):
+    es = EarlyStopping(monitor="score", patience=0)
+    mc = ModelCheckpoint(monitor="score", save_top_k=-1)
+    module = _PerCheck([1.0] * 10)
+    trainer = Trainer(max_epochs=1, val_check_interval=0.5, num_sanity_val_steps=1, callbacks=[es, mc], **trainer_kwargs)
+    trainer.fit(module, loader(32, 8), loader(16, 8))
+    # the sanity run (k=0) is not a check: best 1.0 at the first real validation, then one non-improvement
+    assert es.wait_count == 1 and trainer.should_stop and trainer.global_step == 4
+    trainer.validate(module, loader(16, 8))
+    assert es.wait_count == 1 and len(_files(trainer_kwargs)) == 2  # validate() neither checks nor saves
+
+
+class _ModuleCallbacks(Regressor):
+    def __init__(self, cbs):
+        super().__init__()
+        self.cbs = cbs
+
+    def configure_callbacks(self):
+        return self.cbs
+
+
+def test_configure_callbacks_replaces_same_type_and_orders_checkpoints_last(trainer_kwargs):
+    trainer_es, module_es = EarlyStopping(monitor="val_loss", patience=5), EarlyStopping(monitor="val_loss", patience=1)
+    mc, other = ModelCheckpoint(), _Stateful()
+    trainer = Trainer(max_epochs=1, callbacks=[mc, trainer_es], **trainer_kwargs)
+    trainer.fit(_ModuleCallbacks([module_es, other]), loader(16, 8), loader(16, 8))
+    assert trainer.callbacks == [module_es, other, mc]
+    assert trainer.early_stopping_callback is module_es and trainer.checkpoint_callback is mc
+    assert other.epochs_seen == 1
+    with pytest.raises(ConfigurationError, match="configure_callbacks"):
+        Trainer(max_epochs=1, **trainer_kwargs).fit(_ModuleCallbacks([object()]), loader(16, 8))
+
+
+# ---------------------------------------------------------------------------------------------
+# LearningRateMonitor: Lightning's key names (issue 13). The expected key sets are the columns
+# PyTorch Lightning 2.6.6's LearningRateMonitor(log_momentum=True) writes for the same optimizers.
+# ---------------------------------------------------------------------------------------------
+
+
+class _Optimizers(TrainingModule):
+    """Manual optimization (any number of optimizers, any signature) with a chosen configure_optimizers."""
+
+    def __init__(self, kind):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.c = torch.nn.Linear(4, 1), torch.nn.Linear(4, 1), torch.nn.Linear(4, 1)
+        self.kind = kind
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        opts = self.optimizers()
+        for opt in opts if isinstance(opts, list) else [opts]:
+            opt.zero_grad()
+            x, y = batch
+            self.manual_backward(torch.nn.functional.mse_loss(self.a(x) + self.b(x) + self.c(x), y))
+            opt.step()
+
+    def configure_optimizers(self):
+        adam = lambda params, lr=0.01: torch.optim.Adam(params, lr=lr)  # noqa: E731
+        a, b, c = self.a.parameters(), self.b.parameters(), self.c.parameters()
+        kind = self.kind
+        if kind == "one":
+            return adam(self.parameters())
+        if kind == "two_adam":
+            return [adam(a), adam(b, 0.02)]
+        if kind == "three_adam":
+            return [adam(a), adam(b), adam(c)]
+        if kind == "adam_sgd":
+            return [adam(a), torch.optim.SGD(b, lr=0.1)]
+        if kind == "groups":
+            return adam([{"params": a}, {"params": b, "lr": 0.1}])
+        if kind == "named":
+            opt = adam(self.parameters())
+            return [opt], [{"scheduler": torch.optim.lr_scheduler.StepLR(opt, 1), "name": "my_lr"}]
+        if kind == "named_groups":
+            opt = adam([{"params": a}, {"params": b, "lr": 0.1}])
+            return [opt], [{"scheduler": torch.optim.lr_scheduler.StepLR(opt, 1), "name": "my_lr"}]
+        if kind == "second_named":
+            o1, o2 = adam(a), adam(b, 0.02)
+            return [o1, o2], [{"scheduler": torch.optim.lr_scheduler.StepLR(o2, 1), "name": "gen"}]
+        if kind == "second_scheduled":
+            o1, o2 = adam(a), adam(b, 0.02)
+            return [o1, o2], [torch.optim.lr_scheduler.StepLR(o2, 1)]
+        if kind == "two_schedulers_one_optimizer":
+            opt = adam(self.parameters())
+            return [opt], [torch.optim.lr_scheduler.StepLR(opt, 1), torch.optim.lr_scheduler.ExponentialLR(opt, 0.9)]
+        if kind == "sgd_momentum":
+            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+        if kind == "named_param_group":
+            return adam([{"params": a, "name": "head"}, {"params": b, "name": "body"}])
+        raise AssertionError(kind)
+
+
+_LIGHTNING_KEYS = {
+    "one": ["lr-Adam", "lr-Adam-momentum"],
+    "two_adam": ["lr-Adam", "lr-Adam-1", "lr-Adam-1-momentum", "lr-Adam-momentum"],
+    "three_adam": ["lr-Adam", "lr-Adam-1", "lr-Adam-1-momentum", "lr-Adam-2", "lr-Adam-2-momentum", "lr-Adam-momentum"],
+    "adam_sgd": ["lr-Adam", "lr-Adam-momentum", "lr-SGD", "lr-SGD-momentum"],
+    "groups": ["lr-Adam/pg1", "lr-Adam/pg1-momentum", "lr-Adam/pg2", "lr-Adam/pg2-momentum"],
+    "named": ["my_lr", "my_lr-momentum"],
+    "named_groups": ["my_lr/pg1", "my_lr/pg1-momentum", "my_lr/pg2", "my_lr/pg2-momentum"],
+    "second_named": ["gen", "gen-momentum", "lr-Adam", "lr-Adam-momentum"],
+    "second_scheduled": ["lr-Adam", "lr-Adam-1", "lr-Adam-1-momentum", "lr-Adam-momentum"],
+    "two_schedulers_one_optimizer": ["lr-Adam", "lr-Adam-1", "lr-Adam-1-momentum", "lr-Adam-momentum"],
+    "sgd_momentum": ["lr-SGD", "lr-SGD-momentum"],
+    "named_param_group": ["lr-Adam/body", "lr-Adam/body-momentum", "lr-Adam/head", "lr-Adam/head-momentum"],
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_LIGHTNING_KEYS))
+def test_lr_monitor_keys_are_lightnings(trainer_kwargs, kind):
+    trainer = Trainer(max_epochs=1, limit_train_batches=2, callbacks=[LearningRateMonitor(log_momentum=True)], **trainer_kwargs)
+    trainer.fit(_Optimizers(kind), loader(32, 8))
+    columns = [c for c in _csv(trainer)[0].keys() if c not in ("step", "epoch")]
+    assert sorted(columns) == _LIGHTNING_KEYS[kind]
+    assert all(k in trainer.callback_metrics for k in _LIGHTNING_KEYS[kind])  # Lightning puts them there too
+
+
+def test_lr_monitor_names_the_scheduled_optimizer_first(trainer_kwargs):
+    """As Lightning: optimizers with a scheduler are named first, so the second Adam (0.02) is lr-Adam."""
+    trainer = Trainer(max_epochs=1, limit_train_batches=2, callbacks=[LearningRateMonitor()], **trainer_kwargs)
+    trainer.fit(_Optimizers("second_scheduled"), loader(32, 8))
+    assert trainer.logged_metrics["lr-Adam"] == pytest.approx(0.02) and trainer.logged_metrics["lr-Adam-1"] == pytest.approx(0.01)
+    trainer = Trainer(max_epochs=1, limit_train_batches=2, callbacks=[LearningRateMonitor()], **{**trainer_kwargs, "default_root_dir": trainer_kwargs["default_root_dir"] + "/b"})
+    trainer.fit(_Optimizers("two_adam"), loader(32, 8))
+    assert trainer.logged_metrics["lr-Adam"] == pytest.approx(0.01) and trainer.logged_metrics["lr-Adam-1"] == pytest.approx(0.02)
+
+
+def test_lr_monitor_param_groups_with_one_name_are_refused(trainer_kwargs):
+    class SameName(_Optimizers):
+        def configure_optimizers(self):
+            return torch.optim.SGD([{"params": self.a.parameters(), "name": "x"}, {"params": self.b.parameters(), "name": "x"}], lr=0.1)
+
+    with pytest.raises(ConfigurationError, match="'x'"):
+        Trainer(max_epochs=1, callbacks=[LearningRateMonitor()], **trainer_kwargs).fit(SameName("one"), loader(32, 8))
+
+
+def test_lr_monitor_none_interval_logs_each_scheduler_at_its_own_interval(trainer_kwargs):
+    """Lightning's rule: a step scheduler's key at logging steps, an optimizer without scheduler at epoch starts too."""
+
+    class Mixed(Regressor):
+        def __init__(self):
+            super().__init__()
+            self.extra = torch.nn.Linear(4, 1)
+
+        def training_step(self, batch, batch_idx, optimizer_idx):
+            x, y = batch
+            return torch.nn.functional.mse_loss(self(x) + self.extra(x), y)
+
+        def configure_optimizers(self):
+            adam = torch.optim.Adam(self.net.parameters(), lr=0.01)
+            sgd = torch.optim.SGD(self.extra.parameters(), lr=0.02)
+            return [adam, sgd], [{"scheduler": torch.optim.lr_scheduler.StepLR(adam, 1, 0.5), "interval": "step"}]
+
+    lrm = LearningRateMonitor()
+    trainer = Trainer(max_epochs=2, log_every_n_steps=2, callbacks=[lrm], **trainer_kwargs)
+    trainer.fit(Mixed(), loader(32, 8))  # 4 steps per epoch
+    adam_steps = [h["step"] for h in lrm.history if "lr-Adam" in h]
+    sgd_steps = [h["step"] for h in lrm.history if "lr-SGD" in h]
+    assert adam_steps == [0, 2, 4, 6]  # every log_every_n_steps
+    assert sgd_steps == [0, 2, 4, 6]  # epoch starts (0, 4) and logging steps, once per step
+    assert [h["lr-Adam"] for h in lrm.history if "lr-Adam" in h] == pytest.approx([0.01 * 0.5**s for s in (0, 2, 4, 6)])
+
+
+@pytest.mark.parametrize(
+    "filename, auto, expected",
+    [
+        ("{epoch}-{val_loss:.2f}", True, "epoch=3-val_loss=0.26.ckpt"),
+        ("best-{step}", True, "best-step=40.ckpt"),
+        ("{epoch}-{val_loss:.2f}", False, "3-0.26.ckpt"),
+        (None, True, "epoch=3-step=40.ckpt"),
+    ],
+)
+def test_model_checkpoint_filenames_are_lightnings(filename, auto, expected):
+    """The names PyTorch Lightning 2.6.6's ModelCheckpoint.format_checkpoint_name gives for the same values."""
+
+    class FakeTrainer:
+        callback_metrics = {"val_loss": torch.tensor(0.2567)}
+
+    cb = ModelCheckpoint(filename=filename, auto_insert_metric_name=auto)
+    assert cb._format_name({"epoch": 3, "step": 40, "val_loss": 0.2567}, FakeTrainer()) + ".ckpt" == expected
+    with pytest.raises(ConfigurationError, match="'val_acc'"):
+        ModelCheckpoint(filename="{val_acc}")._format_name({"epoch": 3, "step": 40}, FakeTrainer())
+
+
+@pytest.mark.parametrize(
+    "kwargs, stop_epoch, reason",
+    [
+        (dict(stopping_threshold=3.5), 3, "stopping threshold"),  # 1.0 < 3.5 at the 4th epoch (Lightning: current < threshold)
+        (dict(divergence_threshold=4.8), 2, "divergence threshold"),  # 5.0 > 4.8 at epoch 2
+    ],
+)
+def test_early_stopping_thresholds(trainer_kwargs, kwargs, stop_epoch, reason):
+    es = EarlyStopping(monitor="score", patience=100, **kwargs)
+    trainer = _fit_scored(trainer_kwargs, [4.0, 3.9, 5.0 if "divergence_threshold" in kwargs else 3.8, 1.0, 0.5], [es])
+    assert es.stopped_epoch == stop_epoch and trainer.current_epoch == stop_epoch + 1
+    assert reason in es.stopping_reason
+
+
+def test_overriding_where_the_callbacks_act(trainer_kwargs):
+    """check_on_train_epoch_end / save_on_train_epoch_end, as in Lightning: the rule, overridden either way."""
+    es = EarlyStopping(monitor="score", patience=1, check_on_train_epoch_end=True)  # once per epoch despite 0.5
+    mc = ModelCheckpoint(monitor="score", save_top_k=-1, save_on_train_epoch_end=False)  # after every validation
+    module = _PerCheck([5.0, 4.0, 4.5, 4.2, 3.0, 2.0, 1.0, 0.5])
+    trainer = Trainer(max_epochs=2, val_check_interval=0.5, callbacks=[es, mc], **trainer_kwargs)
+    trainer.fit(module, loader(32, 8), loader(16, 8))
+    assert _files(trainer_kwargs) == ["epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt", "epoch=1-step=6.ckpt", "epoch=1-step=8.ckpt"]
+    # EarlyStopping saw only the epoch-end values 4.0 and 4.2: one non-improvement, patience 1 -> stop after epoch 1
+    assert es.best_score == 4.0 and es.stopped_epoch == 1 and trainer.should_stop
+    trainer = Trainer(
+        max_epochs=2, callbacks=[ModelCheckpoint(monitor="score", save_top_k=-1, save_on_train_epoch_end=False)],
+        **{**trainer_kwargs, "default_root_dir": trainer_kwargs["default_root_dir"] + "/b"},
+    )
+    trainer.fit(_PerCheck([3.0, 2.0]), loader(32, 8), loader(16, 8))  # once per epoch, but asked to save after validation
+    assert sorted(os.listdir(trainer.checkpoint_dir)) == ["epoch=0-step=4.ckpt", "epoch=1-step=8.ckpt", "last.ckpt"]

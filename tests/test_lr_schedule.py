@@ -223,7 +223,7 @@ def test_bad_arguments_and_manual_optimization():
 
 def test_plot_lr_schedule(tmp_path):
     s = simulate_lr_schedule(Scheduled("two_groups", lr=0.01), steps=40, batches_per_epoch=8)
-    assert isinstance(s, LRSchedule) and list(s) == ["lr-Adam", "lr-SGD", "lr-SGD/pg2"]
+    assert isinstance(s, LRSchedule) and list(s) == ["lr-Adam", "lr-SGD/pg1", "lr-SGD/pg2"]  # Lightning names param groups pg1, pg2 (issue 13)
     path = plot_lr_schedule(s, tmp_path / "out" / "lr_schedule.png")
     data = open(path, "rb").read()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000

@@ -246,3 +246,117 @@ class _BadLog(Regressor):
 def test_invalid_log_calls(trainer_kwargs, kind, fragment):
     with pytest.raises(ConfigurationError, match=fragment):
         Trainer(max_epochs=1, **trainer_kwargs).fit(_BadLog(kind), _loader(_data()))
+
+
+# ---------------------------------------------------------------------------------------------
+# several validation dataloaders, and what callback_metrics holds after validation (issue 13)
+# Key sets checked against PyTorch Lightning 2.6.6 on the same module.
+# ---------------------------------------------------------------------------------------------
+
+
+class _TwoLoaders(Regressor):
+    def __init__(self):
+        super().__init__()
+        self.hook_idx = []
+
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        x, _ = batch
+        self.log("val_x", x[:, 0].mean())
+        self.log("val_both", x[:, 0].mean(), on_step=True, on_epoch=True)
+        self.log(f"own{dataloader_idx}", float(dataloader_idx), add_dataloader_idx=False)
+        self.log("merged", x[:, 0].mean(), add_dataloader_idx=False)
+
+    def on_validation_batch_end(self, outputs, batch, batch_idx, dataloader_idx=0):
+        self.hook_idx.append(dataloader_idx)
+
+    def on_validation_epoch_end(self):
+        self.log("at_end", 7.0)
+
+
+def _two_val_sets():
+    return _trending_data(10, seed=1), _trending_data(6, seed=2)
+
+
+def test_several_validation_dataloaders_are_logged_per_dataloader(trainer_kwargs):
+    a, b = _two_val_sets()
+    module = _TwoLoaders()
+    trainer = Trainer(max_epochs=1, **trainer_kwargs)
+    trainer.fit(module, _loader(_data()), [_loader(a), _loader(b)])
+    cb, logged = trainer.callback_metrics, trainer.logged_metrics
+    mean_a, mean_b = a.tensors[0][:, 0].mean().item(), b.tensors[0][:, 0].mean().item()
+    assert float(cb["val_x/dataloader_idx_0"]) == pytest.approx(mean_a, rel=1e-6)
+    assert float(cb["val_x/dataloader_idx_1"]) == pytest.approx(mean_b, rel=1e-6)
+    assert "val_x" not in cb  # no merged value under the bare name
+    assert {k for k in cb if k.startswith(("val_", "own", "merged", "at_end"))} == {
+        "val_x/dataloader_idx_0", "val_x/dataloader_idx_1", "val_both/dataloader_idx_0", "val_both/dataloader_idx_1",
+        "val_both_epoch/dataloader_idx_0", "val_both_epoch/dataloader_idx_1", "own0", "own1", "merged", "at_end",
+    }
+    assert "val_both_epoch/dataloader_idx_1" in logged and "val_both/dataloader_idx_1" not in logged
+    # add_dataloader_idx=False with one name from both dataloaders: one sample-weighted value over both
+    both = torch.cat([a.tensors[0][:, 0], b.tensors[0][:, 0]]).mean().item()
+    assert float(cb["merged"]) == pytest.approx(both, rel=1e-6)
+    assert module.hook_idx == [0, 0, 0, 1, 1]
+    columns = _csv_rows(trainer)[0].keys()
+    assert {"val_x/dataloader_idx_0", "val_x/dataloader_idx_1"} <= set(columns)
+
+
+def test_validate_returns_one_dict_per_dataloader(trainer_kwargs):
+    a, b = _two_val_sets()
+    results = Trainer(**trainer_kwargs).validate(_TwoLoaders(), [_loader(a), _loader(b)])
+    assert [sorted(r) for r in results] == [
+        ["at_end", "merged", "own0", "val_both_epoch/dataloader_idx_0", "val_x/dataloader_idx_0"],
+        ["at_end", "merged", "own1", "val_both_epoch/dataloader_idx_1", "val_x/dataloader_idx_1"],
+    ]
+    assert results[0]["val_x/dataloader_idx_0"] == pytest.approx(a.tensors[0][:, 0].mean().item(), rel=1e-6)
+    assert results[0]["merged"] == results[1]["merged"] and results[0]["at_end"] == 7.0
+    one = Trainer(**trainer_kwargs).validate(Regressor(), _loader(a))
+    assert len(one) == 1 and list(one[0]) == ["val_loss"]
+
+
+class _ReturnsLossTwoLoaders(Regressor):
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        x, y = batch
+        return torch.nn.functional.mse_loss(self(x), y)
+
+
+def test_returned_val_loss_is_per_dataloader_too(trainer_kwargs):
+    a, b = _two_val_sets()
+    results = Trainer(**trainer_kwargs).validate(_ReturnsLossTwoLoaders(), [_loader(a), _loader(b)])
+    assert [list(r) for r in results] == [["val_loss/dataloader_idx_0"], ["val_loss/dataloader_idx_1"]]
+
+
+class _NamesDataloader(Regressor):
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss/dataloader_idx_0", 1.0)
+
+
+def test_a_name_that_already_names_a_dataloader_is_refused(trainer_kwargs):
+    with pytest.raises(ConfigurationError, match="add_dataloader_idx=False"):
+        Trainer(**trainer_kwargs).validate(_NamesDataloader(), _loader(_data()))
+
+
+class _StepAndEpochInValidation(Regressor):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.log("t_both", loss, on_step=True, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        self.log("v_both", float(batch_idx), on_step=True, on_epoch=True)
+        self.log("v_step_only", float(batch_idx), on_step=True, on_epoch=False)
+        self.seen = sorted(self.trainer.callback_metrics)
+
+
+def test_callback_metrics_hold_no_step_values_of_validation(trainer_kwargs):
+    """Lightning: after validation, name and name_epoch, never name_step (training keeps its name_step)."""
+    module = _StepAndEpochInValidation()
+    trainer = Trainer(max_epochs=1, **trainer_kwargs)
+    trainer.fit(module, _loader(_data()), _loader(_data(seed=1)))
+    cb = trainer.callback_metrics
+    assert {"v_both", "v_both_epoch"} <= set(cb)
+    assert "v_both_step" not in cb and "v_step_only" not in cb
+    assert {"t_both", "t_both_step", "t_both_epoch"} <= set(cb)
+    assert float(cb["v_both"]) == float(cb["v_both_epoch"]) == pytest.approx(_weighted([0, 1, 2], SIZES))
+    assert "v_both" not in module.seen and "v_step_only" not in module.seen  # not even during validation
+    trainer.validate(module, _loader(_data(seed=1)))
+    assert sorted(trainer.callback_metrics) == ["v_both", "v_both_epoch"]

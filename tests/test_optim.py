@@ -855,3 +855,60 @@ def test_step_tracker_warmup_applies_only_during_the_step():
         tracker.remove()
     assert seen == pytest.approx([_warmup_factor(k, w) for k in range(6)])
     assert state.optimizer_steps == [6]
+
+
+# ==========================================================================================
+# A step-interval ReduceLROnPlateau sees the validation of its own batch (issue 13)
+# ==========================================================================================
+
+
+class _ImprovingValidation(Regressor):
+    """Validation k (0-based, during fit) logs ``vm = 10 - k``; records the plateau's ``best`` per event."""
+
+    def __init__(self, frequency):
+        super().__init__()
+        self.frequency = frequency
+        self.k = 0
+        self.events = []
+
+    def validation_step(self, batch, batch_idx):
+        self.log("vm", float(10 - self.k))
+
+    def on_validation_end(self):
+        self.events.append(("val_end", self.global_step, float(self.trainer.callback_metrics["vm"]), self._best()))
+        self.k += 1
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.events.append(("batch_end", self.global_step, self._best()))
+
+    def _best(self):
+        return _raw(self.trainer.lr_schedulers[0].scheduler).best
+
+    def configure_optimizers(self):
+        opt = SGD(self.parameters(), lr=0.01)
+        plateau = ReduceLROnPlateau(opt, patience=0, factor=0.5)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": plateau, "interval": "step", "monitor": "vm", "frequency": self.frequency}}
+
+
+def test_step_plateau_scheduler_steps_after_the_validation_of_its_batch(trainer_kwargs):
+    """PyTorch Lightning 2.6.6 on the same job prints exactly these events: the plateau step due
+    on a validating batch uses that validation's value (it used to use the one before, and
+    raise on the first due step with strict=True)."""
+    module = _ImprovingValidation(frequency=2)
+    trainer = Trainer(max_epochs=1, val_check_interval=2, **trainer_kwargs)
+    trainer.fit(module, loader(64, 8), loader(16, 8))  # 8 batches, validation after every 2nd
+    inf = float("inf")
+    assert module.events == [
+        ("batch_end", 1, inf), ("batch_end", 2, inf), ("val_end", 2, 10.0, inf),
+        ("batch_end", 3, 10.0), ("batch_end", 4, 10.0), ("val_end", 4, 9.0, 10.0),
+        ("batch_end", 5, 9.0), ("batch_end", 6, 9.0), ("val_end", 6, 8.0, 9.0),
+        ("batch_end", 7, 8.0), ("batch_end", 8, 8.0), ("val_end", 8, 7.0, 8.0),
+    ]
+    assert _raw(trainer.lr_schedulers[0].scheduler).best == 7.0  # the last (end-of-epoch) validation too
+    assert _lr(trainer.optimizers[0]) == 0.01  # always improving: never reduced
+
+
+def test_step_plateau_due_before_any_validation_still_raises_with_strict(trainer_kwargs):
+    """Due after batch 0, first validation after batch 1: nothing to monitor yet (Lightning raises too)."""
+    with pytest.raises(ConfigurationError, match="'vm'"):
+        Trainer(max_epochs=1, val_check_interval=2, **trainer_kwargs).fit(_ImprovingValidation(frequency=1), loader(64, 8), loader(16, 8))

@@ -81,3 +81,45 @@ def test_missing_and_empty_metrics_are_clear_errors(tmp_path):
     with pytest.raises(EmptyMetricsError, match="holds no logged values") as err:
         plot_run(tmp_path)
     assert isinstance(err.value, ValueError)
+
+
+class NamedSchedule(Regressor):
+    def configure_optimizers(self):
+        opt = torch.optim.SGD([{"params": [self.net.weight]}, {"params": [self.net.bias], "lr": 0.01}], lr=self.hparams.lr, momentum=0.9)
+        return [opt], [{"scheduler": torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5), "interval": "step", "name": "gen"}]
+
+
+def test_named_scheduler_lr_columns_go_to_lr_png(tmp_path, monkeypatch):
+    """A named scheduler's column is just its name (Lightning's key): the plot still finds it."""
+    import accel_trainer.plotting as plotting
+
+    trainer = Trainer(
+        max_epochs=2, cpu=True, enable_progress_bar=False, default_root_dir=str(tmp_path), log_every_n_steps=1,
+        callbacks=[LearningRateMonitor(log_momentum=True)],
+    )
+    trainer.fit(NamedSchedule(lr=0.02), loader(n=32, batch_size=8))
+    plotted = {}
+
+    def record(kind):
+        def fake(plt, series, names, *args):
+            plotted[kind] = sorted(names) if kind == "lr" else sorted(n for members in names.values() for n in members)
+        return fake
+
+    monkeypatch.setattr(plotting, "_plot_lrs", record("lr"))
+    monkeypatch.setattr(plotting, "_plot_families", record("metrics"))
+    paths = plot_run(tmp_path)
+    assert [p.rsplit("/", 1)[-1] for p in paths] == ["metrics.png", "lr.png"]
+    assert plotted["lr"] == ["gen/pg1", "gen/pg2"]
+    assert plotted["metrics"] == ["train_loss"]  # neither the LRs nor their momentum twins
+
+
+def test_runs_without_the_lr_record_still_plot_lr_columns(tmp_path, monkeypatch):
+    import accel_trainer.plotting as plotting
+
+    (tmp_path / "metrics.csv").write_text(
+        "step,train_loss,lr-Adam,lr-Adam-1,lr-Adam/pg2-momentum,epoch\n0,1.0,0.1,0.2,0.9,0\n1,0.5,0.1,0.2,0.9,0\n"
+    )
+    plotted = {}
+    monkeypatch.setattr(plotting, "_plot_lrs", lambda plt, series, names, *a: plotted.setdefault("lr", sorted(names)))
+    plot_run(tmp_path)
+    assert plotted["lr"] == ["lr-Adam", "lr-Adam-1"]

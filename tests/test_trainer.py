@@ -894,9 +894,13 @@ def test_empty_dataloader_is_a_configuration_error(trainer_kwargs):
     assert model.n == 0
 
 
-def test_lbfgs_under_fp16_is_refused_before_training(trainer_kwargs):
+def test_lbfgs_under_fp16_is_refused_before_training(trainer_kwargs, monkeypatch):
     """The fp16 scaler would re-run an LBFGS closure on scaled gradients: refuse it up front."""
     from accel_trainer.errors import ConfigurationError
+
+    # fp16 without a GPU is itself refused when the Trainer is built (issue 13); switch that check
+    # off so that this CPU machine still reaches the LBFGS rule, which is what this test is about.
+    monkeypatch.setattr("accel_trainer.trainer.check_precision_device", lambda accelerator: None)
 
     class LBFGSRegressor(Regressor):
         def configure_optimizers(self):

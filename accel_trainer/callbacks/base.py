@@ -21,7 +21,8 @@ class Callback:
 
     #: Callbacks that make decisions from monitored metrics (checkpointing, early stopping) run
     #: their ``on_train_epoch_end`` after the epoch schedulers stepped, so a checkpoint written
-    #: there resumes exactly.
+    #: there resumes exactly. (When validation is not exactly once per epoch, ``ModelCheckpoint``
+    #: and ``EarlyStopping`` act in ``on_validation_end`` instead: ``trainer.monitor_at_validation_end``.)
     monitors_metrics: bool = False
 
     @property
@@ -76,7 +77,7 @@ class Callback:
         """Before a validation run."""
 
     def on_validation_end(self, trainer: Any, module: Any) -> None:
-        """After a validation run; its metrics are reduced across ranks."""
+        """After a validation run (also the sanity check); its metrics are reduced across ranks."""
 
     def on_validation_epoch_start(self, trainer: Any, module: Any) -> None:
         """Before the first validation batch."""
@@ -119,7 +120,10 @@ class Callback:
         """After backward."""
 
     def on_before_optimizer_step(self, trainer: Any, module: Any, optimizer: Any) -> None:
-        """Before ``optimizer_step`` on an accumulation boundary."""
+        """Before ``optimizer_step`` on an accumulation boundary (after gradient clipping)."""
+
+    def on_before_zero_grad(self, trainer: Any, module: Any, optimizer: Any) -> None:
+        """In the default ``optimizer_step``, after the step and right before the gradients are zeroed."""
 
     def on_save_checkpoint(self, trainer: Any, module: Any, checkpoint: dict[str, Any]) -> None:
         """A checkpoint is being saved."""

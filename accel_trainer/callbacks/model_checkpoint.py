@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from typing import Any
 
 import torch
@@ -12,6 +13,7 @@ from ..checkpoint import LAST_NAME
 from ..checkpoint import remove as remove_checkpoint
 from ..errors import ConfigurationError
 from .base import Callback
+from .early_stopping import _acts_after_validation
 
 MODES = ("min", "max")
 
@@ -19,21 +21,36 @@ MODES = ("min", "max")
 class ModelCheckpoint(Callback):
     """Save checkpoints during ``fit``.
 
-    It runs after the epoch's schedulers stepped (``monitors_metrics``), so every file it
-    writes resumes exactly. The monitored value is the rank-reduced epoch value, so every
-    rank agrees on what is "best". A new checkpoint is complete on disk before any old one
-    is removed.
+    When it saves follows Lightning's rule (``trainer.monitor_at_validation_end``):
+
+    * validation runs exactly once per epoch, at its end, or there is no validation: at the
+      end of each epoch, after the epoch's schedulers stepped;
+    * otherwise (``check_val_every_n_epoch=N``, ``val_check_interval=0.5`` …): at the end of
+      every validation run (of the epochs ``every_n_epochs`` selects), in the middle of an
+      epoch too. The checkpoint records that this validation ran and what is still due
+      after it (a step-interval plateau scheduler), so resuming from it continues exactly.
+
+    Every file it writes resumes exactly (bitwise on CPU). At most one save per
+    ``global_step``, as in Lightning. The monitored value is the rank-reduced value, so every
+    rank agrees on what is "best". A new checkpoint is complete on disk before any old one is
+    removed. ``ModelCheckpoint`` callbacks run after all other callbacks (Lightning's order),
+    so the checkpoint holds the other callbacks' state after this check (e.g. EarlyStopping's).
 
     Args:
         dirpath: where to write (default: ``{default_root_dir}/checkpoints``).
-        filename: a format string over ``epoch``, ``step`` and logged metric names
-            (default ``"epoch={epoch}-step={step}"``).
+        filename: a format string over ``epoch``, ``step`` and logged metric names (default
+            ``"{epoch}-{step}"``); as in Lightning, ``{name}`` is written ``name=<value>``
+            (``epoch=3-step=400.ckpt``, ``{val_loss:.2f}`` -> ``val_loss=0.25``) unless
+            ``auto_insert_metric_name=False``.
         monitor: metric to rank checkpoints by (None: keep the most recent).
         mode: "min" or "max".
         save_top_k: how many to keep (-1: all, 0: none).
         save_last: also refresh ``last.ckpt`` in ``dirpath`` whenever this callback saves.
-        every_n_epochs: save every N epochs (default 1 unless ``every_n_train_steps`` is set).
+        every_n_epochs: save in every N-th epoch (default 1 unless ``every_n_train_steps`` is set).
         every_n_train_steps: save every N ``global_step``s instead.
+        auto_insert_metric_name: prefix every ``{name}`` of ``filename`` with ``name=``.
+        save_on_train_epoch_end: None (the rule above), True (always once per epoch, after its
+            schedulers) or False (always at the end of each validation run), as in Lightning.
 
     Raises:
         ConfigurationError: for a bad ``mode``, ``save_top_k`` < -1, both intervals set, or
@@ -52,6 +69,8 @@ class ModelCheckpoint(Callback):
         save_last: bool | None = None,
         every_n_epochs: int | None = None,
         every_n_train_steps: int | None = None,
+        auto_insert_metric_name: bool = True,
+        save_on_train_epoch_end: bool | None = None,
     ) -> None:
         if mode not in MODES:
             raise ConfigurationError(f"ModelCheckpoint(mode={mode!r}) is not allowed: expected one of {list(MODES)}.")
@@ -65,7 +84,9 @@ class ModelCheckpoint(Callback):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ConfigurationError(f"ModelCheckpoint({name}={value!r}) is not allowed: expected a positive int.")
         self.dirpath = os.fspath(dirpath) if dirpath is not None else None
-        self.filename = filename or "epoch={epoch}-step={step}"
+        self.filename = filename or "{epoch}-{step}"
+        self.auto_insert_metric_name = auto_insert_metric_name
+        self.save_on_train_epoch_end = save_on_train_epoch_end
         self.monitor = monitor
         self.mode = mode
         self.save_top_k = save_top_k
@@ -77,6 +98,7 @@ class ModelCheckpoint(Callback):
         self.best_model_score: float | None = None
         self.last_model_path = ""
         self._recent: list[str] = []
+        self._last_global_step_saved = 0  # Lightning's: nothing to save before the first step
 
     @property
     def state_key(self) -> str:
@@ -86,20 +108,39 @@ class ModelCheckpoint(Callback):
         if self.dirpath is None:
             self.dirpath = trainer.checkpoint_dir
 
+    def on_validation_end(self, trainer: Any, module: Any) -> None:
+        if _acts_after_validation(trainer, self.save_on_train_epoch_end):
+            self._on_check(trainer, epoch=trainer.current_epoch)
+
     def on_train_epoch_end(self, trainer: Any, module: Any) -> None:
+        if self.save_on_train_epoch_end is False or (
+            self.save_on_train_epoch_end is None and getattr(trainer, "monitor_at_validation_end", False)
+        ):
+            return
         # runs after the epoch is counted: current_epoch is the number of completed epochs
-        if self.every_n_epochs and trainer.current_epoch % self.every_n_epochs == 0:
-            self._save(trainer, epoch=trainer.current_epoch - 1)
+        self._on_check(trainer, epoch=trainer.current_epoch - 1)
 
     def on_train_batch_end(self, trainer: Any, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         n = self.every_n_train_steps
-        if n and trainer.global_step > 0 and trainer.global_step % n == 0 and trainer.global_step != getattr(self, "_last_step_saved", -1):
-            self._last_step_saved = trainer.global_step
+        if n and trainer.global_step % n == 0 and not self._saved_at_this_step(trainer):
             self._save(trainer, epoch=trainer.current_epoch)
+
+    def _on_check(self, trainer: Any, epoch: int) -> None:
+        """At the end of an epoch or a validation run of ``epoch`` (0-based)."""
+        if self._saved_at_this_step(trainer):
+            return
+        if self.every_n_epochs and (epoch + 1) % self.every_n_epochs == 0:
+            self._save(trainer, epoch=epoch)
+        elif self.save_last:
+            self._save_last(trainer)
+
+    def _saved_at_this_step(self, trainer: Any) -> bool:
+        return trainer.global_step == self._last_global_step_saved
 
     # -- saving -------------------------------------------------------------------------------
     def _save(self, trainer: Any, epoch: int) -> None:
         """Save for ``epoch`` (0-based, as in Lightning's file names)."""
+        self._last_global_step_saved = trainer.global_step
         if self.save_top_k == 0:
             if self.save_last:
                 self._save_last(trainer)
@@ -127,6 +168,7 @@ class ModelCheckpoint(Callback):
             self._save_last(trainer)
 
     def _save_last(self, trainer: Any) -> None:
+        self._last_global_step_saved = trainer.global_step
         path = os.path.join(self.dirpath, LAST_NAME)
         trainer.save_checkpoint(path)
         self.last_model_path = path
@@ -163,18 +205,27 @@ class ModelCheckpoint(Callback):
         values = {"epoch": epoch, "step": trainer.global_step}
         for k, v in trainer.callback_metrics.items():
             values.setdefault(k, float(v))
-        try:
-            name = self.filename.format(**values)
-        except KeyError as err:
-            raise ConfigurationError(
-                f"ModelCheckpoint(filename={self.filename!r}) names {err}, which is neither epoch, step nor a logged "
-                f"metric ({sorted(trainer.callback_metrics)})."
-            ) from err
+        name = self._format_name(values, trainer)
         path = os.path.join(self.dirpath, name + ".ckpt")
         if path in self.best_k_models or path in self._recent:
             # the same name twice (e.g. a filename without {step}): keep both distinct
             path = os.path.join(self.dirpath, f"{name}-v{trainer.global_step}.ckpt")
         return path
+
+    def _format_name(self, values: dict[str, Any], trainer: Any) -> str:
+        """Lightning's formatting: ``{name}`` (or ``{name:spec}``) -> ``name=<value>``; names may hold dots or slashes."""
+        template = self.filename
+        for group in sorted(set(re.findall(r"(\{.*?)[:\}]", template)), key=len, reverse=True):
+            key = group[1:]
+            if key not in values:
+                raise ConfigurationError(
+                    f"ModelCheckpoint(filename={self.filename!r}) names {key!r}, which is neither epoch, step nor a "
+                    f"logged metric ({sorted(trainer.callback_metrics)})."
+                )
+            if self.auto_insert_metric_name:
+                template = template.replace(group, key + "={" + key)
+            template = template.replace(group, "{0[" + key + "]")
+        return template.format(values)
 
     @staticmethod
     def _remove(trainer: Any, path: str) -> None:
@@ -190,6 +241,7 @@ class ModelCheckpoint(Callback):
             "best_k_models": dict(self.best_k_models),
             "last_model_path": self.last_model_path,
             "recent": list(self._recent),
+            "last_global_step_saved": self._last_global_step_saved,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -198,3 +250,4 @@ class ModelCheckpoint(Callback):
         self.best_k_models = {k: float(v) for k, v in state_dict.get("best_k_models", {}).items()}
         self.last_model_path = state_dict.get("last_model_path", "")
         self._recent = list(state_dict.get("recent", []))
+        self._last_global_step_saved = int(state_dict.get("last_global_step_saved", 0))

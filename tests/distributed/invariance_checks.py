@@ -224,6 +224,31 @@ class Probe(Regressor):
         self.log("val_plateau", (1.0 + slope * self.current_epoch).mean())
 
 
+class PerValidationHeads(Heads):
+    """Validation k logs ``val_plateau = mean(1 + slope * k)`` (exactly 1 over the whole set, rising on
+    rank 0's shard, falling on rank 1's), and optimizer a has a step-interval ReduceLROnPlateau on it
+    that is due on the batches that validate (``val_check_interval=0.5`` of 4 batches, frequency 2)."""
+
+    def __init__(self) -> None:
+        super().__init__("validation")
+        self.k = 0
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y, slope = batch
+        self.log("val_loss", F.mse_loss(self(x), y))
+        self.log("val_plateau", (1.0 + slope * self.k).mean())
+
+    def on_validation_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            self.k += 1
+
+    def configure_optimizers(self) -> Any:
+        opt_a = torch.optim.SGD(self.a.parameters(), lr=0.1)
+        opt_b = torch.optim.SGD(self.b.parameters(), lr=0.1)
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt_a, factor=0.5, patience=0)
+        return [opt_a, opt_b], [{"scheduler": plateau, "interval": "step", "frequency": 2, "monitor": "val_plateau"}]
+
+
 class MeanOfValues(Regressor):
     """Logs a ``torchmetrics.MeanMetric`` (as an object) and a plain mean of ``x + 10 * epoch``."""
 
@@ -458,6 +483,32 @@ def _run_monitoring(batch_size: int) -> dict:
     }
 
 
+def _run_validation_decisions(batch_size: int) -> dict:
+    """EarlyStopping / ModelCheckpoint acting after each validation (val_check_interval=0.5) and a
+    step plateau scheduler due on validating batches, all on a metric whose rank-local values
+    disagree (4 batches per epoch and rank; validations after batches 2 and 4)."""
+    rec, values = RecordLRs(), RecordEpochMetrics("val_plateau", "val_loss")
+    with tempfile.TemporaryDirectory() as root:
+        stop = EarlyStopping(monitor="val_plateau", patience=2)
+        best = ModelCheckpoint(monitor="val_loss", save_top_k=-1)
+        trainer = _trainer(root, max_epochs=4, val_check_interval=0.5, callbacks=[rec, values, stop, best])
+        module = PerValidationHeads()
+        trainer.fit(module, train_loader(batch_size), plateau_val_loader())
+        files = sorted(os.path.basename(path) for path in best.best_k_models)  # known on every rank
+    return {
+        "per_step": rec.per_step,
+        "val_plateau": values.values["val_plateau"],
+        "val_loss": values.values["val_loss"],
+        "global_step": trainer.global_step,
+        "current_epoch": trainer.current_epoch,
+        "stopped_epoch": stop.stopped_epoch,
+        "wait_count": stop.wait_count,
+        "files": files,
+        "best_val_loss": best.best_model_score,
+        "_trainer": trainer,
+    }
+
+
 def _run_seed_module(module_class: type, batch_size: int) -> dict:
     """Train one of the seed's optimizer_step overrides, recording the LR of every step."""
     rec = RecordLRs()
@@ -478,6 +529,7 @@ REFERENCES: dict[str, Callable[[], dict]] = {
     "epoch_schedules": lambda: _run_epoch_schedules(2 * B),
     "step_schedules": lambda: _run_step_schedules(2 * B),
     "monitoring": lambda: _run_monitoring(2 * B),
+    "validation_decisions": lambda: _run_validation_decisions(2 * B),
     "seed_intervals": lambda: _run_seed_module(SeedIntervals, 2 * B),
     "seed_warmup": lambda: _run_seed_module(SeedWarmup, 2 * B),
 }
@@ -592,6 +644,69 @@ def check_monitored_metrics(ref_path: str | None = None) -> None:
         for e, (a, b) in enumerate(zip(mine["epoch_val_loss"], ref["epoch_val_loss"])):
             assert _close(a, b, 1e-5), f"epoch {e}: val_loss on 2 ranks {a!r}, on 1 process {b!r}"
         assert _close(mine["best_val_loss"], ref["best_val_loss"], 1e-5), (mine["best_val_loss"], ref["best_val_loss"])
+
+
+def check_validation_driven_decisions(ref_path: str | None = None) -> None:
+    """Issue 13: the callbacks act after every validation and the step plateau scheduler sees its
+    batch's validation -- on the reduced value, so both ranks (and one process) decide alike."""
+    with _watchdog():
+        result = _run_validation_decisions(B)
+        trainer = result["_trainer"]
+        _assert_two_ranks(trainer)
+        mine = _public(result)
+        _assert_same_on_all_ranks(trainer, "validation-driven decisions", {k: v for k, v in mine.items() if k != "val_loss"})
+        assert mine["val_plateau"] == [1.0, 1.0, 1.0], f"val_plateau per validation {mine['val_plateau']}: not reduced"
+        # EarlyStopping(patience=2): best at validation 0, stops at validation 2, in the middle of epoch 1
+        assert (mine["global_step"], mine["current_epoch"], mine["stopped_epoch"], mine["wait_count"]) == (6, 2, 1, 2), mine
+        assert mine["files"] == ["epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt", "epoch=1-step=6.ckpt"], mine["files"]
+        # the step plateau: due after a's real steps 2, 4, 6 (the validating batches): best 1 after the first
+        # validation, then a reduction after each of the next two (LR used by each of a's 6 steps)
+        assert mine["per_step"][0] == [0.1, 0.1, 0.1, 0.1, 0.05, 0.05], mine["per_step"]
+        ref = _load(ref_path, "validation_decisions")
+        for key in ("per_step", "val_plateau", "global_step", "current_epoch", "stopped_epoch", "files"):
+            assert mine[key] == ref[key], f"{key}: 2 ranks {mine[key]} != 1 process {ref[key]}"
+        assert all(_close(a, b, 1e-5) for a, b in zip(mine["val_loss"], ref["val_loss"])), (mine["val_loss"], ref["val_loss"])
+
+
+class TwoValidationSets(Regressor):
+    """Logs ``val_x`` per dataloader and ``val_all`` over both (add_dataloader_idx=False)."""
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        x, _ = batch
+        self.log("val_x", x[:, 0].mean())
+        self.log("val_all", x[:, 0].mean(), add_dataloader_idx=False)
+
+    def on_train_epoch_end(self) -> None:
+        # Lightning's logger API on every rank: rank 1 has no tracker, its calls do nothing
+        self.logger.log_metrics({"from_rank": float(self.global_rank)})
+        if self.global_rank == 1:
+            self.logger.experiment.add_scalar("anything", 1.0)  # what TensorBoard code calls: a no-op here
+        self.ranks = (self.global_rank, self.local_rank)
+
+
+def check_several_validation_dataloaders() -> None:
+    """Per-dataloader names reduced over both ranks, also for a dataloader whose only batch is on rank 0."""
+    with _watchdog(), tempfile.TemporaryDirectory() as root:
+        odd = DataLoader(regression_data(33, seed=1), batch_size=4)  # 9 batches: 5 on rank 0, 4 on rank 1
+        one = DataLoader(regression_data(8, seed=2), batch_size=8)  # 1 batch: rank 1 gets none
+        trainer = _trainer(root, max_epochs=1)
+        module = TwoValidationSets()
+        results = trainer.validate(module, [odd, one])
+        _assert_same_on_all_ranks(trainer, "validate() with two dataloaders", results)
+        first, second = (float(dl.dataset.tensors[0][:, 0].mean()) for dl in (odd, one))
+        both = float(torch.cat([odd.dataset.tensors[0][:, 0], one.dataset.tensors[0][:, 0]]).mean())
+        assert sorted(results[0]) == ["val_all", "val_x/dataloader_idx_0"] and sorted(results[1]) == ["val_all", "val_x/dataloader_idx_1"]
+        assert _close(results[0]["val_x/dataloader_idx_0"], first, 1e-6) and _close(results[1]["val_x/dataloader_idx_1"], second, 1e-6)
+        assert _close(results[0]["val_all"], both, 1e-6) and results[0]["val_all"] == results[1]["val_all"]
+        trainer.fit(module, train_loader(B), [odd, one])
+        _assert_same_on_all_ranks(trainer, "callback_metrics after fit", sorted(trainer.callback_metrics))
+        _assert_same_on_all_ranks(trainer, "val_x/dataloader_idx_1", float(trainer.callback_metrics["val_x/dataloader_idx_1"]))
+        assert [r[0] for r in _gather(trainer, module.ranks)] == [0, 1]
+        assert module.ranks[1] == trainer.accelerator.local_process_index
+        if trainer.is_global_zero:
+            with open(os.path.join(root, "metrics.csv")) as f:
+                header = f.readline()
+            assert "from_rank" in header and "val_x/dataloader_idx_1" in header, header
 
 
 def check_metric_object() -> None:
@@ -784,6 +899,7 @@ CHECKS_WITH_REFERENCE = {
     "check_monitored_metrics": "monitoring",
     "check_seed_step_intervals": "seed_intervals",
     "check_seed_warmup": "seed_warmup",
+    "check_validation_driven_decisions": "validation_decisions",
 }
 CHECKS_WITHOUT_REFERENCE = [
     "check_metric_object",
@@ -793,6 +909,7 @@ CHECKS_WITHOUT_REFERENCE = [
     "check_nonfinite_on_one_rank",
     "check_bf16_cpu",
     "check_rank_without_validation_batches",
+    "check_several_validation_dataloaders",
 ]
 
 _LAUNCH_ENV_PREFIXES = ("ACCELERATE_", "TORCHELASTIC_", "OMP_")

@@ -18,9 +18,10 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from test_resume import Everything, _data, _loaders, _run, _snapshot  # noqa: E402
+from test_resume import Everything, EverythingStepPlateau, _data, _loaders, _run, _run_with, _snapshot  # noqa: E402
 
 from accel_trainer import Callback, Trainer  # noqa: E402
+from accel_trainer.callbacks import ModelCheckpoint  # noqa: E402
 
 
 def _shared_dir(trainer: Trainer, path: str | None) -> str:
@@ -47,6 +48,30 @@ def check_two_rank_resume_is_exact(root: str | None = None) -> None:
     assert resumed["lrs"] == reference["lrs"]
     for name, value in reference["params"].items():
         assert torch.equal(value, resumed["params"][name]), f"{name} differs after a 2-rank resume"
+
+
+def check_two_rank_resume_from_validation_checkpoints(root: str | None = None) -> None:
+    """Issue 13 on 2 ranks (5 batches per rank and epoch, validation after batches 2, 4 and 5): files
+    written between a batch and its validation, after a mid-epoch validation, and after the
+    epoch's last validation (before its schedulers) all resume bitwise exactly."""
+    schedule = dict(max_epochs=3, val_check_interval=2)
+    root = _shared_dir(Trainer(cpu=True, enable_progress_bar=False, default_root_dir=tempfile.mkdtemp()), root)
+    per_validation = ModelCheckpoint(dirpath=os.path.join(root, "val"), monitor="val_loss", save_top_k=-1)
+    per_steps = ModelCheckpoint(dirpath=os.path.join(root, "steps"), every_n_train_steps=2, save_top_k=-1)
+    full_trainer, full_module = _run_with(
+        os.path.join(root, "full"), EverythingStepPlateau, [per_validation, per_steps], **schedule
+    )
+    assert full_trainer.world_size == 2 and full_trainer.global_step == 15
+    reference = _snapshot(full_trainer, full_module)
+    for name in ("steps/epoch=0-step=2.ckpt", "val/epoch=0-step=4.ckpt", "val/epoch=0-step=5.ckpt", "steps/epoch=1-step=6.ckpt"):
+        resumed_trainer, resumed_module = _run_with(
+            os.path.join(root, "resumed-" + name.replace("/", "-")), EverythingStepPlateau,
+            ckpt_path=os.path.join(root, name), **schedule,
+        )
+        resumed = _snapshot(resumed_trainer, resumed_module)
+        assert resumed["global_step"] == reference["global_step"] and resumed["lrs"] == reference["lrs"], name
+        for param, value in reference["params"].items():
+            assert torch.equal(value, resumed["params"][param]), f"{param} differs after resuming {name} on 2 ranks"
 
 
 class _SignalOnRank1(Callback):

@@ -17,6 +17,10 @@ def test_two_rank_resume_is_bitwise_exact(tmp_path):
     run_on_ranks(resume_checks.check_two_rank_resume_is_exact, args=(str(tmp_path),))
 
 
+def test_two_rank_resume_from_validation_driven_checkpoints_is_exact(tmp_path):
+    run_on_ranks(resume_checks.check_two_rank_resume_from_validation_checkpoints, args=(str(tmp_path),))
+
+
 def test_a_signal_on_one_rank_stops_both_at_the_same_step_and_resumes_exactly(tmp_path):
     run_on_ranks(resume_checks.check_signal_on_one_rank_stops_every_rank_at_the_same_step, args=(str(tmp_path),))
 
