@@ -1,6 +1,11 @@
 """``self.log`` aggregation: step values, sample-weighted epoch means, cross-rank reduction.
 
 Values stay on their device as tensors during the epoch (no host sync per ``self.log`` call).
+A call costs about as much as the one in-place add a hand-written loop would do (see
+``benchmarks/overhead.py``): the keys it writes are computed once per name, and the epoch sums
+are preallocated accumulators that the calls of a batch update together, in one fused
+``torch._foreach_add_`` per batch size (at the end of each batch, or earlier when a name is
+logged twice), instead of two new tensors per call.
 At the end of an epoch every rank packs its weighted sums and weights into one vector and
 reduces it with a single collective, so an epoch value is the sample-weighted mean over the
 whole data set across ranks: the same number on every rank, which is what makes plateau,
@@ -70,10 +75,12 @@ class _Entry:
     suffix: str = ""  # "/dataloader_idx_N" when logged while dataloader N of several ran
     dataloaders: set = field(default_factory=set)  # the dataloaders that logged it (empty: an epoch-end hook)
     auto: bool = False  # logged by the trainer from a scalar returned by validation_step/test_step
+    pending: int = -1  # the MetricCollector flush generation in which an add to epoch_sum waits
 
-    @property
-    def key(self) -> str:
-        return self.name + self.suffix
+    def __post_init__(self) -> None:
+        self.key = self.name + self.suffix
+        # the callback_metrics keys a step value goes to (training), computed once
+        self.step_keys = (self.name + "_step", self.name) if self.on_epoch else (self.name,)
 
 
 class MetricCollector:
@@ -104,6 +111,9 @@ class MetricCollector:
         #: the training epoch under way (set by the trainer)
         self.epoch = 0
         self.logged_metrics: dict[str, float] = {}
+        # epoch-sum additions waiting for flush(): per weight, (accumulators, values)
+        self._pending: dict[float, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        self._generation = 0
 
     # -- context set by the trainer ---------------------------------------------------------
     def set_batch(self, batch: Any) -> None:
@@ -111,6 +121,7 @@ class MetricCollector:
         self._batch_size = None
 
     def reset_stage(self, stage: str) -> None:
+        self.flush()
         self._entries[stage] = {}
 
     def entries(self, stage: str) -> dict[str, _Entry]:
@@ -139,16 +150,19 @@ class MetricCollector:
                 "pass add_dataloader_idx=False to keep yours."
             )
         in_step = not self.in_epoch_end
-        if on_step is None:
-            on_step = in_step and self.stage == "train"
-        if on_epoch is None:
-            on_epoch = not (in_step and self.stage == "train")
+        if on_step is None or on_epoch is None:
+            training_step = in_step and self.stage == "train"
+            if on_step is None:
+                on_step = training_step
+            if on_epoch is None:
+                on_epoch = not training_step
         if on_step and not in_step:
             raise ConfigurationError(
                 f"self.log({name!r}, on_step=True) was called in an epoch-end hook, where there is no step. "
                 "Use on_step=False (the default there)."
             )
-        reduce_fx = _normalise_reduce_fx(reduce_fx, name)
+        if reduce_fx.__class__ is not str or reduce_fx not in REDUCE_FX:
+            reduce_fx = _normalise_reduce_fx(reduce_fx, name)
         entries = self._entries[self.stage]
         dl_idx = self.dataloader_idx
         if dl_idx is None:  # training, one dataloader, epoch-end hooks: the name as given
@@ -162,7 +176,15 @@ class MetricCollector:
                 entry = entries[name + suffix] = _Entry(name, on_step, on_epoch, prog_bar, logger, sync_dist, reduce_fx, suffix=suffix)
             entry.dataloaders.add(dl_idx)
 
-        if is_metric_object(value):
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                raise ConfigurationError(
+                    f"self.log({name!r}, value) needs a scalar; received a tensor of shape {tuple(value.shape)}."
+                )
+            tensor = value.detach() if value.requires_grad else value
+            if tensor.dim():
+                tensor = tensor.reshape(())
+        elif is_metric_object(value):
             if entry.metric is not value:
                 entry.metric, entry.is_metric = value, True
                 entry.metric_path = self._metric_path_of(value)
@@ -171,13 +193,6 @@ class MetricCollector:
                 entry.step_value = cache.detach()
                 self._publish_step(entry)
             return
-
-        if isinstance(value, torch.Tensor):
-            if value.numel() != 1:
-                raise ConfigurationError(
-                    f"self.log({name!r}, value) needs a scalar; received a tensor of shape {tuple(value.shape)}."
-                )
-            tensor = value.detach().reshape(())
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             tensor = torch.tensor(float(value))
         else:
@@ -190,20 +205,52 @@ class MetricCollector:
             entry.step_value = tensor
             self._publish_step(entry)
         if on_epoch:
-            if not tensor.is_floating_point():
-                tensor = tensor.float()
             if reduce_fx == "mean":
                 weight = batch_size if batch_size is not None else self._current_batch_size()
-                contribution = tensor * weight
-                entry.epoch_sum = contribution if entry.epoch_sum is None else entry.epoch_sum + contribution
+                self._add_to_epoch(entry, tensor, weight)
                 entry.epoch_weight += weight
             elif reduce_fx == "sum":
-                entry.epoch_sum = tensor if entry.epoch_sum is None else entry.epoch_sum + tensor
+                self._add_to_epoch(entry, tensor, 1)
                 entry.epoch_weight = 1.0
             else:
+                if entry.pending == self._generation:
+                    self.flush()
+                if not tensor.is_floating_point():
+                    tensor = tensor.float()
                 op = torch.maximum if reduce_fx == "max" else torch.minimum
                 entry.epoch_sum = tensor if entry.epoch_sum is None else op(entry.epoch_sum, tensor)
                 entry.epoch_weight = 1.0
+
+    def _add_to_epoch(self, entry: _Entry, tensor: torch.Tensor, weight: float) -> None:
+        """Queue ``epoch_sum += weight * tensor`` for the next :meth:`flush` (one fused add per batch)."""
+        acc = entry.epoch_sum
+        if acc is None:
+            with torch.inference_mode(False):  # updated in place later, whatever mode the first call ran in
+                dtype = torch.promote_types(tensor.dtype, torch.float32)
+                acc = entry.epoch_sum = torch.zeros((), dtype=dtype, device=tensor.device)
+        elif entry.pending == self._generation:
+            self.flush()  # logged twice before a flush: one fused add may not update a tensor twice
+        group = self._pending.get(weight)
+        if group is None:
+            group = self._pending[weight] = ([], [])
+        group[0].append(acc)
+        group[1].append(tensor)
+        entry.pending = self._generation
+
+    def flush(self) -> None:
+        """Add the values logged since the last flush into their epoch sums (the trainer calls this after
+        every batch; reading an epoch value flushes first)."""
+        pending = self._pending
+        if not pending:
+            return
+        self._pending = {}
+        self._generation += 1
+        for weight, (accs, values) in pending.items():
+            try:
+                torch._foreach_add_(accs, values, alpha=weight)
+            except RuntimeError:  # e.g. a name logged as a number (CPU) and as a GPU tensor
+                for acc, value in zip(accs, values):
+                    acc.add_(value.to(acc.device), alpha=weight)
 
     def _current_batch_size(self) -> int:
         if self._batch_size is None:
@@ -230,10 +277,9 @@ class MetricCollector:
             self.progress_bar_epochs.pop(entry.key, None)  # a step value, not an earlier epoch's
         if self.stage != "train":
             return  # validation/test step values are not callback metrics (as in Lightning)
-        key = entry.name + "_step" if entry.on_epoch else entry.name
-        self.callback_metrics[key] = entry.step_value
-        if entry.on_epoch:
-            self.callback_metrics[entry.name] = entry.step_value
+        metrics, value = self.callback_metrics, entry.step_value
+        for key in entry.step_keys:  # name_step and name (on_epoch), or name
+            metrics[key] = value
 
     # -- step flush -----------------------------------------------------------------------------
     def step_values_for_loggers(self, stage: str, reduce: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
@@ -262,6 +308,7 @@ class MetricCollector:
 
         Returns the epoch values, keyed as they are logged (``name`` or ``name_epoch``).
         """
+        self.flush()
         entries = self._entries[stage]
         if gather is not None and self.num_processes > 1:
             for meta in gather([self._describe(e) for e in entries.values() if e.on_epoch]):

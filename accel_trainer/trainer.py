@@ -60,7 +60,7 @@ from . import data as data_utils
 from .callbacks.base import Callback
 from .callbacks.early_stopping import EarlyStopping
 from .callbacks.model_checkpoint import ModelCheckpoint
-from .engines import RunRequest, check_requested_engine, engine_for, requested_engine
+from .engines import DeepSpeedEngine, FSDPEngine, RunRequest, check_requested_engine, engine_for, requested_engine
 from .errors import ConfigurationError, TrainingError
 from .loggers import CSVTracker, LoggerView, build_trackers, log_hyperparams, normalise_log_with, tracker_name
 from .metrics import MetricCollector
@@ -72,12 +72,14 @@ from .migration import (
     refuse_lightning_arguments,
 )
 from .module import TrainingModule
+from .nonfinite import NonFiniteGuard
 from .preemption import Preempted, PreemptionPoll, PreemptionWatcher, exit_code_for
 from .progress import make_progress
 from . import run_status as run_records
 from .optim import OptimizationConfig, SchedulerConfig, parse_configure_optimizers, requires_closure
 from .scheduling import SchedulerRunner, StepTracker
 from .state import TrainingState
+from .toggle import OptimizerToggle
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 _EXHAUSTED = object()
@@ -248,6 +250,13 @@ class _Closure:
                 loss = trainer._forward_backward(self._batch, self._batch_idx, self._opt_idx)
                 if loss is None:
                     raise TrainingError("training_step returned None inside an optimizer closure; a closure needs a loss.")
+                if not math.isfinite(float(loss)):  # the optimizer reads it anyway; a step under way cannot be skipped
+                    raise TrainingError(
+                        f"training_step returned a non-finite loss ({float(loss)}) when optimizer {self._opt_idx}'s "
+                        f"closure re-evaluated it during its step, at epoch {trainer.state.current_epoch}, batch_idx "
+                        f"{self._batch_idx}: a step already under way cannot be skipped. Lower the learning rate or "
+                        "the optimizer's step size (LBFGS: lr, max_iter, line_search_fn='strong_wolfe')."
+                    )
                 trainer._clip_gradients(self._opt_idx)
         if trainer.accelerator.num_processes > 1:
             loss = trainer.accelerator.reduce(loss.detach().clone(), "mean")
@@ -707,6 +716,7 @@ class Trainer:
                 if self._preemption_due():
                     self._preempt(progress)
             self._hooks("on_train_batch_end", outputs, batch, batch_idx)
+            metrics.flush()  # this batch's self.log values into their epoch sums, in one fused add
             if progress is not None:
                 progress.update(1)
             last = n_batches is not None and batch_idx + 1 >= n_batches
@@ -721,6 +731,7 @@ class Trainer:
             if (check_val or state.pending_plateau) and not last:
                 if self._finish_batch(batch_idx + 1, val_every, validate_this_epoch):
                     break  # a validation decided to stop (EarlyStopping): the epoch ends right after it
+        self._settle_nonfinite()
         if stopped_by_steps:
             # A max_steps stop inside an epoch is a pause, not an epoch end: the position is kept
             # so that resuming with a larger max_steps continues this very epoch.
@@ -933,17 +944,23 @@ class Trainer:
             return self._last_output
         accelerator = self.accelerator
         accelerator.sync_gradients = is_boundary
+        self._batch_idx = batch_idx
         outputs = None
-        if is_boundary or accelerator.num_processes == 1:
-            # no no_sync contexts to enter: skip building an ExitStack on every batch
-            for opt_idx in self._due_optimizers():
-                outputs = self._optimize(batch, batch_idx, opt_idx, is_boundary)
-            return outputs
-        with contextlib.ExitStack() as context:
-            for wrapper in self._unique_wrappers:
-                context.enter_context(accelerator.no_sync(wrapper))
-            for opt_idx in self._due_optimizers():
-                outputs = self._optimize(batch, batch_idx, opt_idx, is_boundary)
+        try:
+            if is_boundary or accelerator.num_processes == 1:
+                # no no_sync contexts to enter: skip building an ExitStack on every batch
+                for opt_idx in self._due_optimizers():
+                    outputs = self._optimize(batch, batch_idx, opt_idx, is_boundary)
+            else:
+                with contextlib.ExitStack() as context:
+                    for wrapper in self._unique_wrappers:
+                        context.enter_context(accelerator.no_sync(wrapper))
+                    for opt_idx in self._due_optimizers():
+                        outputs = self._optimize(batch, batch_idx, opt_idx, is_boundary)
+        finally:
+            if self._toggle is not None:
+                self._toggle.restore()  # every flag back as it was, for what runs between batches
+        self._guard.end_batch(self._where)
         return outputs
 
     def _due_optimizers(self) -> Iterable[int]:
@@ -953,33 +970,36 @@ class Trainer:
         return (bisect.bisect_right(self._frequency_cumsum, place),)
 
     def _optimize(self, batch: Any, batch_idx: int, opt_idx: int, is_boundary: bool) -> Any:
-        restore = self._toggle(opt_idx) if self._toggle_off else None
-        try:
-            loss = self._forward_backward(batch, batch_idx, opt_idx)
-            if loss is None or not is_boundary:
-                return self._last_output
-            optimizer = self._optimizers[opt_idx]
-            self._clip_gradients(opt_idx)
-            self._hooks("on_before_optimizer_step", optimizer)
-            before = self.state.optimizer_steps[opt_idx]
-            closure = _Closure(self, batch, batch_idx, opt_idx, loss)
-            self._module.optimizer_step(self.state.current_epoch, batch_idx, optimizer, opt_idx, closure)
-            after = self.state.optimizer_steps[opt_idx]
-            if after != before:
-                self._runner.after_optimizer_steps(opt_idx, before, after)
+        if self._toggle is not None:
+            self._toggle.enter(opt_idx)  # only optimizer opt_idx's parameters require grad
+        loss = self._forward_backward(batch, batch_idx, opt_idx)
+        if loss is None:
             return self._last_output
-        finally:
-            if restore is not None:
-                for p, flag in restore:
-                    p.requires_grad_(flag)
+        if not is_boundary:
+            self._guard.check_loss(opt_idx, loss, self._where)
+            return self._last_output
+        optimizer = self._optimizers[opt_idx]
+        if self._guard.check_step(opt_idx, loss, self._where):
+            # on_nonfinite_loss="skip": no step; its gradients must not reach the next one
+            optimizer.zero_grad()
+            return self._last_output
+        self._clip_gradients(opt_idx)
+        self._hooks("on_before_optimizer_step", optimizer)
+        before = self.state.optimizer_steps[opt_idx]
+        closure = _Closure(self, batch, batch_idx, opt_idx, loss)
+        self._module.optimizer_step(self.state.current_epoch, batch_idx, optimizer, opt_idx, closure)
+        after = self.state.optimizer_steps[opt_idx]
+        if after != before:
+            self._runner.after_optimizer_steps(opt_idx, before, after)
+        return self._last_output
 
-    def _toggle(self, opt_idx: int) -> list:
-        """Turn off ``requires_grad`` for parameters that only other optimizers own."""
-        restore = []
-        for p in self._toggle_off[opt_idx]:
-            restore.append((p, p.requires_grad))
-            p.requires_grad_(False)
-        return restore
+    def _where(self) -> dict[str, Any]:
+        """Where the loop is, for the non-finite guard's messages."""
+        return {
+            "epoch": self.state.current_epoch,
+            "batch_idx": self._batch_idx,
+            "main_process": self.accelerator.is_main_process,
+        }
 
     def _forward_backward(self, batch: Any, batch_idx: int, opt_idx: int) -> torch.Tensor | None:
         if self._pass_optimizer_idx:
@@ -990,37 +1010,26 @@ class Trainer:
         loss = self._extract_loss(output, opt_idx)
         if loss is None:
             return None
-        if loss.is_floating_point():
-            # same answer as bool(torch.isfinite(loss)) (both read the value back to the host),
-            # without launching an isfinite kernel: ~1 µs instead of ~13 µs on CPU
-            nonfinite = not math.isfinite(loss.item())
-        else:
-            nonfinite = not bool(torch.isfinite(loss))
-        if self._agree_on_nonfinite:
-            # Skipping: every rank must take the same branch, or DDP waits forever for the
-            # skipping rank. (Raising needs no agreement: the raising rank's exit ends the job.)
-            nonfinite = self._any_rank(nonfinite)
-        if nonfinite:
-            if self._nonfinite_is_fatal():
-                raise TrainingError(
-                    f"training_step returned a non-finite loss ({loss.item()} on rank "
-                    f"{self.accelerator.process_index}; on several processes this rank's exit ends the job) at epoch {self.state.current_epoch}, "
-                    f"batch_idx {batch_idx}, optimizer {opt_idx}. Pass Trainer(on_nonfinite_loss='skip') to skip such "
-                    "steps instead, or lower the learning rate / enable gradient clipping."
-                )
-            self.nonfinite_skips += 1
-            return None
+        # Nothing is read back here: the non-finite guard checks the loss (and, before the
+        # optimizer steps, the gradients) on the device (accel_trainer/nonfinite.py).
         self._hooks("on_before_backward", loss)
+        seed = self._guard.backward_kwargs(loss) if self._guard.poison_backward else {}
         if self._direct_backward:
-            loss.backward()
+            loss.backward(**seed)
         else:
-            self.accelerator.backward(loss)
+            self.accelerator.backward(loss, **seed)
         self._hooks("on_after_backward")
         self._last_loss = self._last_losses[opt_idx] = loss.detach()
         return self._last_loss
 
     def _nonfinite_is_fatal(self) -> bool:
         return self.on_nonfinite_loss == "raise"
+
+    def _settle_nonfinite(self) -> None:
+        """Read the non-finite flags still in flight (accelerators, "raise"): before saves, validation, epoch ends."""
+        guard = getattr(self, "_guard", None)
+        if guard is not None:
+            guard.flush()
 
     def _extract_loss(self, output: Any, opt_idx: int) -> torch.Tensor | None:
         if output is None:
@@ -1080,6 +1089,7 @@ class Trainer:
 
     # -- validation -----------------------------------------------------------------------------
     def _run_validation(self) -> dict[str, float]:
+        self._settle_nonfinite()
         results = self._evaluate("validate", self._val_loaders, self.limit_val_batches, log=True)
         return results
 
@@ -1136,6 +1146,7 @@ class Trainer:
                     output = self._wrapped(step_name, batch, batch_idx, *extra)
                     metrics.log_returned(auto_name, output)
                     self._hooks(f"on_{kind}_batch_end", output, batch, batch_idx, *extra)
+                    metrics.flush()
                 if lockstep:
                     filler = lockstep_mod.empty_like(template)
                     if transfer is not None and filler is not None:
@@ -1225,9 +1236,10 @@ class Trainer:
         self._preemption = PreemptionWatcher()
         self._preempt_agreed = False
         self._preemption_poll = PreemptionPoll()
-        self._agree_on_nonfinite = self.accelerator.num_processes > 1 and not self._nonfinite_is_fatal()
+        self._guard: NonFiniteGuard | None = None
+        self._toggle: OptimizerToggle | None = None
+        self._batch_idx = 0
         self._epoch_start: dict[str, Any] | None = None
-        self.nonfinite_skips = 0
         module_prepares = type(module).prepare_data is not TrainingModule.prepare_data
         if datamodule is not None or module_prepares:
             # once per machine, before setup; the DataModule's first, then the module's (as in Lightning)
@@ -1334,6 +1346,14 @@ class Trainer:
                 module_name=type(module).__name__,
             )
         )
+        automatic = getattr(module, "automatic_optimization", True)
+        if isinstance(self._engine, DeepSpeedEngine) and self.on_nonfinite_loss == "skip" and automatic:
+            raise ConfigurationError(
+                "Trainer(on_nonfinite_loss='skip') cannot be honoured under DeepSpeed: its engine takes the optimizer "
+                "step inside backward, before the trainer could look at the gradients, so a non-finite step cannot be "
+                "skipped. Use on_nonfinite_loss='raise' (DeepSpeed's fp16 loss scaler skips overflowing steps by "
+                "itself), or launch with DDP or FSDP."
+            )
 
     def _setup_optimization(self, module: TrainingModule, config: OptimizationConfig, train_loader: Any = None) -> None:
         accelerator = self.accelerator
@@ -1364,17 +1384,28 @@ class Trainer:
         self._optimizer_params = [
             [p for g in opt.param_groups for p in g["params"]] for opt in self._optimizers
         ]
-        self._toggle_off: list[list] = []
-        if n_opt > 1 and self._automatic:
-            for i, params in enumerate(self._optimizer_params):
-                own = {id(p) for p in params}
-                others: dict[int, Any] = {}
-                for j, other in enumerate(self._optimizer_params):
-                    if j != i:
-                        for p in other:
-                            if id(p) not in own:
-                                others[id(p)] = p
-                self._toggle_off.append(list(others.values()))
+        self._toggle = OptimizerToggle(self._optimizer_params) if n_opt > 1 and self._automatic else None
+        self._guard = self._make_guard(module) if self._automatic and n_opt else None
+
+    def _make_guard(self, module: TrainingModule) -> NonFiniteGuard:
+        """The non-finite policy for this run's engine (see accel_trainer/nonfinite.py)."""
+        accelerator = self.accelerator
+        owns_gradients = isinstance(self._engine, DeepSpeedEngine) or getattr(accelerator, "scaler", None) is not None
+        return NonFiniteGuard(
+            self.on_nonfinite_loss,
+            self._optimizer_params,
+            accelerator.device,
+            rank=accelerator.process_index,
+            num_processes=accelerator.num_processes,
+            sharded=isinstance(self._engine, FSDPEngine),
+            check_gradients=not owns_gradients,
+            names=lambda: {id(p): name for name, p in module.named_parameters()},
+        )
+
+    @property
+    def nonfinite_skips(self) -> int:
+        """Optimizer steps skipped in this fit for a non-finite loss or gradients (``on_nonfinite_loss="skip"``)."""
+        return self._guard.skipped if self._guard is not None else 0
 
     def _make_dispatchers(self, module: TrainingModule, config: OptimizationConfig) -> list[_StepDispatcher]:
         """One dispatcher, or one per optimizer when several optimizers train under DDP.
@@ -1586,6 +1617,7 @@ class Trainer:
         Under FSDP ``path`` becomes a directory every rank writes its shards into (see the
         README's "Checkpoints and resuming"); otherwise it is one file.
         """
+        self._settle_nonfinite()  # a bad step still being checked raises before it is saved
         tracker = getattr(self, "_step_tracker", None)
         with tracker.paused() if tracker is not None else contextlib.nullcontext():
             ckpt_io.save(os.fspath(path), self._checkpoint_parts(), lambda c: self._hooks("on_save_checkpoint", c))

@@ -1,0 +1,309 @@
+"""The non-finite policy: NaN/inf in a loss *or* in the gradients, found on the device.
+
+``Trainer(on_nonfinite_loss=...)`` covers what an optimizer step would consume: the loss of
+every ``training_step`` that reaches backward and, before each optimizer step, the gradients
+of that optimizer's parameters. The check is one fused kernel per optimizer step
+(``torch._amp_foreach_non_finite_check_and_unscale_``, the fp16 ``GradScaler``'s own, with a
+scale of 1 so nothing is modified) that sets a per-optimizer flag on the device. No value is
+read back for it in the default configuration:
+
+* ``"raise"`` (default). On the CPU the flag lives in host memory and is read at once,
+  before the optimizer steps, so the bad step is never taken. On an accelerator the flags are
+  copied asynchronously to pinned host memory at the end of each batch and read during the
+  next batch, after that batch's first forward/backward is queued (waiting only for the
+  previous batch, which is done or nearly): the loop never waits for the device, and the
+  error comes one step later, after the optimizer took the bad step. Either way the
+  ``TrainingError`` names what was non-finite (the loss, or the gradients and of which
+  parameters when they are still there), the optimizer, the epoch and the batch. Pending
+  flags are read before every checkpoint save, validation and epoch end.
+* ``"skip"`` (opt-in) decides before the optimizer steps, so a skipped step leaves the
+  weights, the optimizer state and the step counters untouched (its gradients are zeroed).
+  That decision needs the flag on the host: one read per optimizer step (a device sync on
+  accelerators, none on the CPU). Ranks must decide alike, and they do without a collective
+  under DDP: the decision reads only the gradients after DDP's all-reduce, which are the
+  same on every rank (a NaN/inf on any rank is NaN/inf in the sum), as the fp16 scaler
+  decides; a rank's non-finite loss is folded into them by seeding its backward with NaN.
+  Under FSDP each rank holds a shard of the gradients, and a non-finite value lands in one
+  rank's shard only, so the flag is all-reduced (one number per optimizer step, in this mode
+  only). Under DeepSpeed the engine steps inside backward, before any check: "skip" is
+  refused there.
+
+With the fp16 ``GradScaler`` gradients are not checked: overflowing scaled gradients are the
+scaler's business (it skips the step and lowers the scale); the loss still is.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .errors import TrainingError
+
+_NEXT_STEP = (
+    "Pass Trainer(on_nonfinite_loss='skip') to skip such steps instead, or lower the learning rate / "
+    "enable gradient clipping."
+)
+
+
+class NonFiniteGuard:
+    """Per-optimizer NaN/inf flags for the training loop (see the module docstring).
+
+    Args:
+        policy: ``"raise"`` or ``"skip"``.
+        params: per optimizer, the parameters whose gradients its step consumes.
+        device: where the loss and gradients live.
+        rank: this process's index (for messages).
+        num_processes: the world size.
+        sharded: gradients are shards (FSDP): "skip" all-reduces the flag.
+        check_gradients: False under the fp16 scaler and DeepSpeed (they own the gradients).
+        names: a callable returning ``{id(param): name}`` (only called to write a message).
+    """
+
+    #: read the flags one batch late even on the CPU (tests exercise the accelerator path with it)
+    force_deferred = False
+
+    def __init__(
+        self,
+        policy: str,
+        params: Sequence[Sequence[torch.Tensor]],
+        device: torch.device,
+        rank: int = 0,
+        num_processes: int = 1,
+        sharded: bool = False,
+        check_gradients: bool = True,
+        names: Callable[[], dict[int, str]] | None = None,
+    ) -> None:
+        self.policy = policy
+        self.skip = policy == "skip"
+        self.params = [list(p) for p in params]
+        self.device = torch.device(device)
+        self.rank = rank
+        self.sharded = sharded and num_processes > 1
+        self.check_gradients = check_gradients
+        self._names = names
+        n = max(len(self.params), 1)
+        self.flags = torch.zeros(n, dtype=torch.float32, device=self.device)
+        self._slots = [self.flags[i : i + 1] for i in range(n)]
+        self._one = torch.ones((), dtype=torch.float32, device=self.device)
+        # Under DDP "skip" decides from the all-reduced gradients alone; the local loss gets in
+        # there through a NaN backward seed. (One process, or FSDP's all-reduced flag: the loss
+        # is checked directly.)
+        self.poison_backward = self.skip and num_processes > 1 and not self.sharded and check_gradients
+        on_host = self.device.type == "cpu"
+        self.deferred = not self.skip and (not on_host or self.force_deferred)
+        self._host = self.flags if on_host and not self.deferred else _host_buffer(n, self.device)
+        self._host_view = self._host.numpy()  # read without a Tensor call: no sync, nothing to count
+        self._event: Any = None
+        self._pending: dict[str, Any] | None = None  # what the in-flight copy describes
+        self._losses: dict[int, torch.Tensor] = {}  # this batch's loss per optimizer (for messages)
+        self._settled = True
+        self._fused = True
+        self.skipped = 0
+
+    # -- each step ------------------------------------------------------------------------------
+    def backward_kwargs(self, loss: torch.Tensor) -> dict[str, Any]:
+        """``gradient=`` for backward: 1 for a finite loss, NaN otherwise (DDP "skip" only)."""
+        if not self.poison_backward:
+            return {}
+        return {"gradient": torch.where(torch.isfinite(loss.detach()), 1.0, math.nan).to(loss.dtype)}
+
+    def check_loss(self, opt_idx: int, loss: torch.Tensor, where: Callable[[], dict[str, Any]]) -> None:
+        """A loss that backward consumed without an optimizer step (a non-boundary batch)."""
+        self._losses[opt_idx] = loss
+        if self.poison_backward:
+            return  # it reaches the gradients through the backward seed
+        self._flag(opt_idx, [loss.detach()])
+        if not self.deferred and not self.skip and self._host_view[opt_idx]:
+            self._raise(opt_idx, where(), deferred=False)
+
+    def check_step(self, opt_idx: int, loss: torch.Tensor, where: Callable[[], dict[str, Any]]) -> bool:
+        """Before optimizer ``opt_idx`` steps: True when its step must be skipped ("skip").
+
+        Raises:
+            TrainingError: in "raise" mode, for this step (CPU) or for the previous batch's
+                (accelerators, read here).
+        """
+        self._losses[opt_idx] = loss
+        tensors = [] if self.poison_backward else [loss.detach()]
+        if self.check_gradients:
+            tensors += self._local_grads(opt_idx)
+        self._flag(opt_idx, tensors)
+        if self.deferred:
+            if not self._settled:
+                self.settle()
+            return False
+        slot = self._slots[opt_idx]
+        if self.sharded and self.skip:
+            import torch.distributed as dist
+
+            dist.all_reduce(slot, op=dist.ReduceOp.MAX)
+        if self._host is not self.flags:
+            self._host[opt_idx : opt_idx + 1].copy_(slot)  # "skip" on an accelerator: one sync per step
+        if not self._host_view[opt_idx]:
+            return False
+        info = where()
+        if not self.skip:
+            self._raise(opt_idx, info, deferred=False)
+        slot.zero_()
+        self.skipped += 1
+        self._warn_skip(opt_idx, info)
+        return True
+
+    def end_batch(self, where: Callable[[], dict[str, Any]]) -> None:
+        """After a batch's optimizer steps: start the copy of its flags (deferred mode)."""
+        if not self.deferred:
+            self._losses.clear()
+            return
+        if not self._settled:
+            self.settle()
+        if not self._losses:
+            return  # nothing was checked in this batch
+        if self.device.type == "cpu":
+            self._host.copy_(self.flags)
+        else:
+            self._event = _copy_async(self._host, self.flags)
+        self._pending = {**where(), "losses": dict(self._losses)}
+        self._losses.clear()
+        self._settled = False
+
+    def settle(self) -> None:
+        """Read the flags of the previous batch (deferred mode); raise if any was set."""
+        self._settled = True
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        event, self._event = self._event, None
+        if event is not None:
+            event.synchronize()  # waits for the previous batch only, never for this one
+        for opt_idx, flag in enumerate(self._host_view):
+            if flag:
+                self._raise(opt_idx, pending, deferred=True, losses=pending["losses"])
+
+    #: the pending flags are read before a checkpoint is saved, a validation runs or an epoch ends
+    flush = settle
+
+    # -- internals ------------------------------------------------------------------------------
+    def _local_grads(self, opt_idx: int) -> list[torch.Tensor]:
+        grads = []
+        for p in self.params[opt_idx]:
+            g = p.grad
+            if g is not None:
+                local = getattr(g, "_local_tensor", None)  # a DTensor (FSDP2): this rank's shard
+                grads.append(g if local is None else local)
+        return grads
+
+    def _flag(self, opt_idx: int, tensors: list[torch.Tensor]) -> None:
+        if not tensors:
+            return
+        slot = self._slots[opt_idx]
+        if self._fused and self.device.type == "cpu":
+            try:
+                torch._amp_foreach_non_finite_check_and_unscale_(tensors, slot, self._one)
+                return
+            except (RuntimeError, NotImplementedError, AttributeError):
+                self._fused = False
+        elif self._fused:
+            # The fused kernel's fast path wants one dtype per call (GradScaler groups the same way).
+            by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+            for t in tensors:
+                by_dtype.setdefault(t.dtype, []).append(t)
+            try:
+                for group in by_dtype.values():
+                    torch._amp_foreach_non_finite_check_and_unscale_(group, slot, self._one)
+                return
+            except (RuntimeError, NotImplementedError, AttributeError):
+                self._fused = False
+        bad = torch.stack([~torch.isfinite(t).all() for t in tensors]).any()
+        slot.copy_(torch.maximum(slot, bad.to(slot.dtype).reshape(1)))
+
+    def _describe(self, opt_idx: int, loss: torch.Tensor | None) -> tuple[bool, str]:
+        """(the loss was non-finite, its value as text) -- read back only to write a message."""
+        if loss is None:
+            return False, "unknown"
+        value = float(loss.detach().float().cpu())
+        return not math.isfinite(value), f"{value:.6g}"
+
+    def _bad_parameters(self, opt_idx: int) -> list[str]:
+        names = self._names() if self._names is not None else {}
+        bad = []
+        for p in self.params[opt_idx]:
+            g = p.grad
+            if g is None:
+                continue
+            local = getattr(g, "_local_tensor", None)
+            g = g if local is None else local
+            if not bool(torch.isfinite(g).all()):
+                bad.append(names.get(id(p), f"<parameter {tuple(p.shape)}>"))
+        return bad
+
+    def _raise(self, opt_idx: int, info: dict[str, Any], deferred: bool, losses: dict | None = None) -> None:
+        loss = (losses if losses is not None else self._losses).get(opt_idx)
+        loss_bad, value = self._describe(opt_idx, loss)
+        rank = f"on rank {self.rank}; on several processes this rank's exit ends the job"
+        at = f"at epoch {info['epoch']}, batch_idx {info['batch_idx']}, optimizer {opt_idx}"
+        late = ""
+        if deferred:
+            late = (
+                f" (read one batch later: on {self.device.type} the flag is read after the next batch's backward is "
+                "queued, so that the loop never waits for the device; that optimizer step was taken, so its "
+                "parameters and state may be non-finite now)"
+            )
+        if loss_bad:
+            message = f"training_step returned a non-finite loss ({value} {rank}) {at}{late}. {_NEXT_STEP}"
+        else:
+            params = [] if deferred else self._bad_parameters(opt_idx)
+            which = f" in {_names_list(params)}" if params else ""
+            message = (
+                f"The gradients of optimizer {opt_idx} were non-finite (NaN or inf){which} after backward {at}, "
+                f"although the loss was finite ({value} {rank}){late}: an overflow in the backward pass. "
+                f"{_NEXT_STEP} torch.autograd.set_detect_anomaly(True) names the operation that produced it."
+            )
+        raise TrainingError(message)
+
+    def _warn_skip(self, opt_idx: int, info: dict[str, Any]) -> None:
+        # the first skip, then whenever the count doubles: a run that skips every step still says so
+        if self.skipped & (self.skipped - 1) or not info.get("main_process", True):
+            return
+        loss_bad, value = self._describe(opt_idx, self._losses.get(opt_idx))
+        what = f"its loss was non-finite ({value})" if loss_bad else f"its gradients were non-finite (loss {value})"
+        warnings.warn(
+            f"on_nonfinite_loss='skip': skipped the step of optimizer {opt_idx} at epoch {info['epoch']}, batch_idx "
+            f"{info['batch_idx']}: {what}; its weights and state are unchanged. {self.skipped} step(s) skipped so far "
+            "in this fit (trainer.nonfinite_skips).",
+            UserWarning,
+            stacklevel=4,
+        )
+
+
+def _names_list(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return f"[{shown}{', ...' if len(names) > limit else ''}] ({len(names)} parameter{'s' if len(names) != 1 else ''})"
+
+
+def _host_buffer(n: int, device: torch.device) -> torch.Tensor:
+    """Host memory the flags are copied into: pinned for accelerators, so the copy is asynchronous."""
+    if device.type != "cpu":
+        try:
+            return torch.zeros(n, dtype=torch.float32, pin_memory=True)
+        except RuntimeError:  # no pinned memory for this device: the copy below waits instead
+            pass
+    return torch.zeros(n, dtype=torch.float32)
+
+
+def _copy_async(host: torch.Tensor, flags: torch.Tensor) -> Any:
+    """Start copying ``flags`` into ``host``; returns an event to wait on (None: the copy already waited)."""
+    event_cls = torch.cuda.Event if flags.device.type == "cuda" else getattr(torch, "Event", None)
+    if event_cls is None or not host.is_pinned():
+        host.copy_(flags)  # no way to wait for this copy alone: a plain (waiting) copy
+        return None
+    host.copy_(flags, non_blocking=True)
+    try:
+        event = event_cls() if flags.device.type == "cuda" else event_cls(device=flags.device.type)
+        event.record()
+    except (RuntimeError, TypeError, ValueError):
+        torch.accelerator.synchronize() if hasattr(torch, "accelerator") else None
+        return None
+    return event
