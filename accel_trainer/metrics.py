@@ -237,6 +237,11 @@ class MetricCollector:
         group[1].append(tensor)
         entry.pending = self._generation
 
+    @property
+    def pending(self) -> bool:
+        """Values logged since the last :meth:`flush` wait to be added to their epoch sums."""
+        return bool(self._pending)
+
     def flush(self) -> None:
         """Add the values logged since the last flush into their epoch sums (the trainer calls this after
         every batch; reading an epoch value flushes first)."""

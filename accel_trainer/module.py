@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import torch
 
-from .optim import requires_closure
+from .optim import marked_requires_closure
+
+_UNRESOLVED = object()
 
 if TYPE_CHECKING:  # pragma: no cover
     from .trainer import Trainer
@@ -298,15 +300,23 @@ class TrainingModule(torch.nn.Module):
         override may skip steps or change learning rates; the trainer never steps an
         optimizer behind its back and counts only the steps that really happen.
         """
-        if requires_closure(optimizer):
+        if marked_requires_closure(optimizer):
             optimizer.step(second_order_closure)
         else:
             optimizer.step()
-        hooks = getattr(self._trainer, "_hooks", None) if self._trainer is not None else None
-        if hooks is not None:
-            hooks("on_before_zero_grad", optimizer)  # callbacks, then this module (as in Lightning 0.7 and 2.x)
-        elif self._trainer is None:
+        trainer = self._trainer
+        if trainer is None:
             self.on_before_zero_grad(optimizer)
+        else:
+            # callbacks, then this module (as in Lightning 0.7 and 2.x); resolved once per fit by the
+            # trainer (None: nobody implements it)
+            hook = getattr(trainer, "_on_before_zero_grad", _UNRESOLVED)
+            if hook is _UNRESOLVED:
+                hooks = getattr(trainer, "_hooks", None)
+                if hooks is not None:
+                    hooks("on_before_zero_grad", optimizer)
+            elif hook is not None:
+                hook(optimizer)
         self.optimizer_zero_grad(current_epoch, batch_nb, optimizer)
 
     def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:

@@ -78,12 +78,17 @@ class NonFiniteGuard:
     ) -> None:
         self.policy = policy
         self.skip = policy == "skip"
-        self.params = [list(p) for p in params]
         self.device = torch.device(device)
         self.rank = rank
         self.sharded = sharded and num_processes > 1
         self.check_gradients = check_gradients
         self._names = names
+        on_host = self._on_host = self.device.type == "cpu"
+        # per optimizer, its parameters grouped by dtype: the fused kernel's fast path on an
+        # accelerator wants one dtype per call (GradScaler groups the same way); the CPU kernel
+        # takes any mix in one call
+        self.params = [list(p) for p in params]
+        self._groups = [[list(p)] if on_host else _by_dtype(p) for p in params]
         n = max(len(self.params), 1)
         self.flags = torch.zeros(n, dtype=torch.float32, device=self.device)
         self._slots = [self.flags[i : i + 1] for i in range(n)]
@@ -92,15 +97,16 @@ class NonFiniteGuard:
         # there through a NaN backward seed. (One process, or FSDP's all-reduced flag: the loss
         # is checked directly.)
         self.poison_backward = self.skip and num_processes > 1 and not self.sharded and check_gradients
-        on_host = self.device.type == "cpu"
         self.deferred = not self.skip and (not on_host or self.force_deferred)
         self._host = self.flags if on_host and not self.deferred else _host_buffer(n, self.device)
         self._host_view = self._host.numpy()  # read without a Tensor call: no sync, nothing to count
+        self._copy_back = self._host is not self.flags and not self.deferred  # "skip" on an accelerator
         self._event: Any = None
-        self._pending: dict[str, Any] | None = None  # what the in-flight copy describes
-        self._losses: dict[int, torch.Tensor] = {}  # this batch's loss per optimizer (for messages)
+        self._pending: dict[str, Any] | None = None  # what the copy in flight describes (deferred)
+        self._losses: dict[int, torch.Tensor] = {}  # this batch's loss per optimizer (deferred)
         self._settled = True
         self._fused = True
+        self._local: bool | None = None  # gradients are DTensors (FSDP2): check this rank's shards
         self.skipped = 0
 
     # -- each step ------------------------------------------------------------------------------
@@ -111,52 +117,61 @@ class NonFiniteGuard:
         return {"gradient": torch.where(torch.isfinite(loss.detach()), 1.0, math.nan).to(loss.dtype)}
 
     def check_loss(self, opt_idx: int, loss: torch.Tensor, where: Callable[[], dict[str, Any]]) -> None:
-        """A loss that backward consumed without an optimizer step (a non-boundary batch)."""
-        self._losses[opt_idx] = loss
+        """A (detached) loss that backward consumed without an optimizer step (a non-boundary batch)."""
         if self.poison_backward:
             return  # it reaches the gradients through the backward seed
-        self._flag(opt_idx, [loss.detach()])
+        if self.deferred:
+            self._losses[opt_idx] = loss
+        self._flag(self._slots[opt_idx], [loss])
         if not self.deferred and not self.skip and self._host_view[opt_idx]:
-            self._raise(opt_idx, where(), deferred=False)
+            self._raise(opt_idx, where(), False, loss)
 
     def check_step(self, opt_idx: int, loss: torch.Tensor, where: Callable[[], dict[str, Any]]) -> bool:
-        """Before optimizer ``opt_idx`` steps: True when its step must be skipped ("skip").
+        """Before optimizer ``opt_idx`` steps (``loss`` detached): True when the step must be skipped.
 
         Raises:
             TrainingError: in "raise" mode, for this step (CPU) or for the previous batch's
                 (accelerators, read here).
         """
-        self._losses[opt_idx] = loss
-        tensors = [] if self.poison_backward else [loss.detach()]
+        slot = self._slots[opt_idx]
         if self.check_gradients:
-            tensors += self._local_grads(opt_idx)
-        self._flag(opt_idx, tensors)
+            for i, params in enumerate(self._groups[opt_idx]):
+                grads = [g for p in params if (g := p.grad) is not None]
+                if self._local is None and grads:
+                    self._local = type(grads[0]).__name__ == "DTensor"
+                if self._local:
+                    grads = [g.to_local() for g in grads]
+                if i == 0 and not self.poison_backward:
+                    if self._on_host:
+                        grads.append(loss)  # the CPU kernel takes any dtypes in one call
+                    else:
+                        self._flag(slot, [loss])
+                self._flag(slot, grads)
+        elif not self.poison_backward:
+            self._flag(slot, [loss])
         if self.deferred:
+            self._losses[opt_idx] = loss
             if not self._settled:
                 self.settle()
             return False
-        slot = self._slots[opt_idx]
         if self.sharded and self.skip:
             import torch.distributed as dist
 
-            dist.all_reduce(slot, op=dist.ReduceOp.MAX)
-        if self._host is not self.flags:
+            dist.all_reduce(slot, op=dist.ReduceOp.MAX)  # a non-finite value is in one rank's shard only
+        if self._copy_back:
             self._host[opt_idx : opt_idx + 1].copy_(slot)  # "skip" on an accelerator: one sync per step
         if not self._host_view[opt_idx]:
             return False
         info = where()
         if not self.skip:
-            self._raise(opt_idx, info, deferred=False)
+            self._raise(opt_idx, info, False, loss)
         slot.zero_()
         self.skipped += 1
-        self._warn_skip(opt_idx, info)
+        self._warn_skip(opt_idx, info, loss)
         return True
 
     def end_batch(self, where: Callable[[], dict[str, Any]]) -> None:
-        """After a batch's optimizer steps: start the copy of its flags (deferred mode)."""
-        if not self.deferred:
-            self._losses.clear()
-            return
+        """After a batch's optimizer steps: start the copy of its flags (deferred mode only)."""
         if not self._settled:
             self.settle()
         if not self._losses:
@@ -180,41 +195,21 @@ class NonFiniteGuard:
             event.synchronize()  # waits for the previous batch only, never for this one
         for opt_idx, flag in enumerate(self._host_view):
             if flag:
-                self._raise(opt_idx, pending, deferred=True, losses=pending["losses"])
+                self._raise(opt_idx, pending, True, pending["losses"].get(opt_idx))
 
     #: the pending flags are read before a checkpoint is saved, a validation runs or an epoch ends
     flush = settle
 
     # -- internals ------------------------------------------------------------------------------
-    def _local_grads(self, opt_idx: int) -> list[torch.Tensor]:
-        grads = []
-        for p in self.params[opt_idx]:
-            g = p.grad
-            if g is not None:
-                local = getattr(g, "_local_tensor", None)  # a DTensor (FSDP2): this rank's shard
-                grads.append(g if local is None else local)
-        return grads
-
-    def _flag(self, opt_idx: int, tensors: list[torch.Tensor]) -> None:
+    def _flag(self, slot: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+        """``slot`` becomes 1 (and stays so) when any of ``tensors`` holds a NaN or inf: one fused kernel."""
         if not tensors:
             return
-        slot = self._slots[opt_idx]
-        if self._fused and self.device.type == "cpu":
+        if self._fused:
             try:
                 torch._amp_foreach_non_finite_check_and_unscale_(tensors, slot, self._one)
                 return
-            except (RuntimeError, NotImplementedError, AttributeError):
-                self._fused = False
-        elif self._fused:
-            # The fused kernel's fast path wants one dtype per call (GradScaler groups the same way).
-            by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-            for t in tensors:
-                by_dtype.setdefault(t.dtype, []).append(t)
-            try:
-                for group in by_dtype.values():
-                    torch._amp_foreach_non_finite_check_and_unscale_(group, slot, self._one)
-                return
-            except (RuntimeError, NotImplementedError, AttributeError):
+            except (RuntimeError, NotImplementedError, AttributeError):  # a device without the kernel
                 self._fused = False
         bad = torch.stack([~torch.isfinite(t).all() for t in tensors]).any()
         slot.copy_(torch.maximum(slot, bad.to(slot.dtype).reshape(1)))
@@ -233,14 +228,13 @@ class NonFiniteGuard:
             g = p.grad
             if g is None:
                 continue
-            local = getattr(g, "_local_tensor", None)
-            g = g if local is None else local
+            if type(g).__name__ == "DTensor":
+                g = g.to_local()
             if not bool(torch.isfinite(g).all()):
                 bad.append(names.get(id(p), f"<parameter {tuple(p.shape)}>"))
         return bad
 
-    def _raise(self, opt_idx: int, info: dict[str, Any], deferred: bool, losses: dict | None = None) -> None:
-        loss = (losses if losses is not None else self._losses).get(opt_idx)
+    def _raise(self, opt_idx: int, info: dict[str, Any], deferred: bool, loss: torch.Tensor | None) -> None:
         loss_bad, value = self._describe(opt_idx, loss)
         rank = f"on rank {self.rank}; on several processes this rank's exit ends the job"
         at = f"at epoch {info['epoch']}, batch_idx {info['batch_idx']}, optimizer {opt_idx}"
@@ -263,11 +257,11 @@ class NonFiniteGuard:
             )
         raise TrainingError(message)
 
-    def _warn_skip(self, opt_idx: int, info: dict[str, Any]) -> None:
+    def _warn_skip(self, opt_idx: int, info: dict[str, Any], loss: torch.Tensor) -> None:
         # the first skip, then whenever the count doubles: a run that skips every step still says so
         if self.skipped & (self.skipped - 1) or not info.get("main_process", True):
             return
-        loss_bad, value = self._describe(opt_idx, self._losses.get(opt_idx))
+        loss_bad, value = self._describe(opt_idx, loss)
         what = f"its loss was non-finite ({value})" if loss_bad else f"its gradients were non-finite (loss {value})"
         warnings.warn(
             f"on_nonfinite_loss='skip': skipped the step of optimizer {opt_idx} at epoch {info['epoch']}, batch_idx "
@@ -276,6 +270,13 @@ class NonFiniteGuard:
             UserWarning,
             stacklevel=4,
         )
+
+
+def _by_dtype(params: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
+    groups: dict[torch.dtype, list[torch.Tensor]] = {}
+    for p in params:
+        groups.setdefault(p.dtype, []).append(p)
+    return list(groups.values()) or [[]]
 
 
 def _names_list(names: list[str], limit: int = 5) -> str:

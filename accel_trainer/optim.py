@@ -115,6 +115,24 @@ def requires_closure(optimizer: torch.optim.Optimizer) -> bool:
 
 
 _REQUIRES_CLOSURE: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
+_MARK = "_accel_trainer_requires_closure"
+
+
+def mark_requires_closure(optimizer: Any) -> None:
+    """Remember :func:`requires_closure`'s answer on a prepared optimizer (read by the default
+    ``optimizer_step`` on every step: an attribute lookup instead of unwrapping and a weak-key lookup)."""
+    try:
+        vars(optimizer)[_MARK] = requires_closure(optimizer)
+    except TypeError:  # no __dict__: it is asked every time
+        pass
+
+
+def marked_requires_closure(optimizer: Any) -> bool:
+    """:func:`requires_closure`, from the mark the trainer left when there is one."""
+    try:
+        return vars(optimizer)[_MARK]
+    except (KeyError, TypeError):
+        return requires_closure(optimizer)
 
 
 def _closure_is_required(step: Any) -> bool:

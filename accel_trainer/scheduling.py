@@ -65,7 +65,8 @@ class StepTracker:
                 # needs the pre-hook at the real step: engines.py refuses it under DeepSpeed.
                 self._handles.append(_CountingStep(raw, self._make_post_hook(i)))
                 continue
-            self._handles.append(raw.register_step_pre_hook(self._make_pre_hook(i)))
+            if self._warmup[i]:  # the pre-hook only applies a warm-up: none, no hook to call
+                self._handles.append(raw.register_step_pre_hook(self._make_pre_hook(i)))
             self._handles.append(raw.register_step_post_hook(self._make_post_hook(i)))
 
     def _make_pre_hook(self, i: int) -> Callable:
@@ -173,21 +174,31 @@ class SchedulerRunner:
         self._index = {id(cfg): i for i, cfg in enumerate(configs)}
         self.step_schedulers: list[list[SchedulerConfig]] = [[] for _ in range(num_optimizers)]
         self.epoch_schedulers: list[SchedulerConfig] = []
+        # whether each scheduler is a plateau one, decided once (the type of a scheduler never
+        # changes; asking every step unwraps Accelerate's wrapper twice per step)
+        self._plateau = {id(cfg): cfg.reduce_on_plateau for cfg in configs}
+        self._by_optimizer: list[list[tuple[SchedulerConfig, bool]]] = [[] for _ in range(num_optimizers)]
         for cfg in configs:
             if cfg.interval == "step":
                 self.step_schedulers[cfg.opt_idx].append(cfg)
+                self._by_optimizer[cfg.opt_idx].append((cfg, self._plateau[id(cfg)]))
             else:
                 self.epoch_schedulers.append(cfg)
 
     def after_optimizer_steps(self, opt_idx: int, steps_before: int, steps_after: int) -> None:
         """Advance optimizer ``opt_idx``'s step schedulers for each real step just taken."""
+        schedulers = self._by_optimizer[opt_idx]
+        if not schedulers:
+            return
         for n in range(steps_before + 1, steps_after + 1):
-            for cfg in self.step_schedulers[opt_idx]:
+            for cfg, plateau in schedulers:
                 if n % cfg.frequency == 0:
-                    if cfg.reduce_on_plateau and self._pending is not None:
+                    if plateau and self._pending is not None:
                         self._pending.append(self._index[id(cfg)])
-                    else:
+                    elif plateau:
                         self._step(cfg)
+                    else:
+                        self._step_fn(cfg.scheduler, None)
 
     def flush_pending(self) -> None:
         """Step the plateau schedulers that came due during this batch, with the current metrics."""
@@ -206,7 +217,10 @@ class SchedulerRunner:
 
     def _step(self, cfg: SchedulerConfig) -> None:
         metric = None
-        if cfg.reduce_on_plateau:
+        plateau = self._plateau.get(id(cfg))
+        if plateau is None:
+            plateau = cfg.reduce_on_plateau
+        if plateau:
             metrics = self._metrics()
             if cfg.monitor not in metrics:
                 available = sorted(metrics)

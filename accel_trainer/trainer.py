@@ -53,6 +53,7 @@ import warnings
 from typing import Any, Callable, Iterable
 
 import torch
+from torch.nn.modules import module as nn_module
 
 from . import checkpoint as ckpt_io
 from . import lockstep as lockstep_mod
@@ -76,7 +77,7 @@ from .nonfinite import NonFiniteGuard
 from .preemption import Preempted, PreemptionPoll, PreemptionWatcher, exit_code_for
 from .progress import make_progress
 from . import run_status as run_records
-from .optim import OptimizationConfig, SchedulerConfig, parse_configure_optimizers, requires_closure
+from .optim import OptimizationConfig, SchedulerConfig, mark_requires_closure, parse_configure_optimizers, requires_closure
 from .scheduling import SchedulerRunner, StepTracker
 from .state import TrainingState
 from .toggle import OptimizerToggle
@@ -215,6 +216,14 @@ class _Hooks:
         if mod is not None and monitoring is not True:
             return mod(*args)
         return None
+
+    def caller(self, name: str) -> Callable | None:
+        """A function that calls hook ``name``, or None when neither a callback nor the module implements it
+        (resolved once, so the per-step hooks nobody uses cost nothing at all)."""
+        cbs, mod = self._cache.get(name) or self._resolve(name)
+        if not cbs and mod is None:
+            return None
+        return functools.partial(self.__call__, name)
 
     def callbacks_only(self, name: str, *args: Any) -> None:
         cbs, _ = self._cache.get(name) or self._resolve(name)
@@ -676,6 +685,9 @@ class Trainer:
         check_val = validate_this_epoch and bool(val_every)  # validations inside this epoch
         accumulate = self.gradient_accumulation_steps
         transfer = self._transfer
+        batch_start, batch_end = self._hooks.caller("on_train_batch_start"), self._hooks.caller("on_train_batch_end")
+        log_every, sync_every = self.log_every_n_steps, self.check_rank_sync_every_n_steps
+        one_process, preemption = self._one_process, self._preemption
 
         metrics.stage = "train"
         metrics.epoch = epoch
@@ -705,18 +717,21 @@ class Trainer:
             if transfer is not None:
                 batch = transfer(batch, 0)
             metrics.set_batch(batch)
-            if self._hooks("on_train_batch_start", batch, batch_idx) == -1:
+            if batch_start is not None and batch_start(batch, batch_idx) == -1:
                 break
             is_boundary = (batch_idx + 1) % accumulate == 0 or (n_batches is not None and batch_idx + 1 >= n_batches)
             outputs = self._train_batch(batch, batch_idx, is_boundary)
             state.batches_done_in_epoch = batch_idx + 1
             if is_boundary:
-                state.global_step += 1
-                self._after_boundary(progress)
-                if self._preemption_due():
+                step = state.global_step = state.global_step + 1
+                if step % log_every == 0 or (sync_every and step % sync_every == 0):
+                    self._after_boundary(progress)
+                if preemption.requested if one_process else self._preemption_due():
                     self._preempt(progress)
-            self._hooks("on_train_batch_end", outputs, batch, batch_idx)
-            metrics.flush()  # this batch's self.log values into their epoch sums, in one fused add
+            if batch_end is not None:
+                batch_end(outputs, batch, batch_idx)
+            if metrics.pending:
+                metrics.flush()  # this batch's self.log values into their epoch sums, in one fused add
             if progress is not None:
                 progress.update(1)
             last = n_batches is not None and batch_idx + 1 >= n_batches
@@ -726,7 +741,7 @@ class Trainer:
                     # a pause after a complete batch: its validation (if due) and plateau steps included
                     self._finish_batch(batch_idx + 1, val_every, validate_this_epoch)
                 break
-            if self._should_stop_now(is_boundary):
+            if self.should_stop if one_process else self._should_stop_now(is_boundary):
                 break  # the epoch ends here, with its validation (as Lightning validates on a stop)
             if (check_val or state.pending_plateau) and not last:
                 if self._finish_batch(batch_idx + 1, val_every, validate_this_epoch):
@@ -839,7 +854,7 @@ class Trainer:
 
     def _preemption_due(self) -> bool:
         """True once every rank knows a preemption signal arrived (on any rank)."""
-        if self.accelerator.num_processes == 1:
+        if self._one_process:
             return self._preemption.requested
         step = self.state.global_step
         if not self._preempt_agreed and self._preemption_poll.due(step):
@@ -865,7 +880,7 @@ class Trainer:
 
     def _should_stop_now(self, is_boundary: bool) -> bool:
         """``should_stop`` agreed by all ranks; on several ranks checked at logging boundaries only."""
-        if self.accelerator.num_processes == 1:
+        if self._one_process:
             return self.should_stop
         if not (is_boundary and self.state.global_step % self.log_every_n_steps == 0):
             return False
@@ -923,6 +938,7 @@ class Trainer:
             progress.close()
 
     def _after_boundary(self, progress: Any) -> None:
+        """At a logging boundary or a rank-sync step (the epoch loop checks which steps are)."""
         step = self.state.global_step
         if self.check_rank_sync_every_n_steps and step % self.check_rank_sync_every_n_steps == 0:
             self._check_rank_sync()
@@ -960,7 +976,8 @@ class Trainer:
         finally:
             if self._toggle is not None:
                 self._toggle.restore()  # every flag back as it was, for what runs between batches
-        self._guard.end_batch(self._where)
+        if self._guard.deferred:
+            self._guard.end_batch(self._where)  # accelerators: start copying this batch's flags to the host
         return outputs
 
     def _due_optimizers(self) -> Iterable[int]:
@@ -984,7 +1001,8 @@ class Trainer:
             optimizer.zero_grad()
             return self._last_output
         self._clip_gradients(opt_idx)
-        self._hooks("on_before_optimizer_step", optimizer)
+        if self._on_before_optimizer_step is not None:
+            self._on_before_optimizer_step(optimizer)
         before = self.state.optimizer_steps[opt_idx]
         closure = _Closure(self, batch, batch_idx, opt_idx, loss)
         self._module.optimizer_step(self.state.current_epoch, batch_idx, optimizer, opt_idx, closure)
@@ -1002,23 +1020,28 @@ class Trainer:
         }
 
     def _forward_backward(self, batch: Any, batch_idx: int, opt_idx: int) -> torch.Tensor | None:
-        if self._pass_optimizer_idx:
-            output = self._wrappers[opt_idx]("training_step", batch, batch_idx, opt_idx)
+        args = (batch, batch_idx, opt_idx) if self._pass_optimizer_idx else (batch, batch_idx)
+        if self._call_directly and not _global_module_hooks():
+            # the dispatcher is not wrapped (one process, no autocast) and has no hooks: its
+            # nn.Module __call__ would only forward the call (~3 µs per step saved)
+            output = self._module.training_step(*args)
         else:
-            output = self._wrapped("training_step", batch, batch_idx)
+            output = self._wrappers[opt_idx]("training_step", *args)
         self._last_output = output
         loss = self._extract_loss(output, opt_idx)
         if loss is None:
             return None
         # Nothing is read back here: the non-finite guard checks the loss (and, before the
         # optimizer steps, the gradients) on the device (accel_trainer/nonfinite.py).
-        self._hooks("on_before_backward", loss)
+        if self._on_before_backward is not None:
+            self._on_before_backward(loss)
         seed = self._guard.backward_kwargs(loss) if self._guard.poison_backward else {}
         if self._direct_backward:
             loss.backward(**seed)
         else:
             self.accelerator.backward(loss, **seed)
-        self._hooks("on_after_backward")
+        if self._on_after_backward is not None:
+            self._on_after_backward()
         self._last_loss = self._last_losses[opt_idx] = loss.detach()
         return self._last_loss
 
@@ -1222,6 +1245,12 @@ class Trainer:
         self.callbacks = self._with_module_callbacks(module)
         self._metrics = MetricCollector(self.accelerator.device, self.accelerator.num_processes, module)
         self._hooks = _Hooks(self, module, self.callbacks)
+        # the hooks of every optimizer step, resolved once (None: nobody implements it)
+        self._on_before_backward = self._hooks.caller("on_before_backward")
+        self._on_after_backward = self._hooks.caller("on_after_backward")
+        self._on_before_optimizer_step = self._hooks.caller("on_before_optimizer_step")
+        self._on_before_zero_grad = self._hooks.caller("on_before_zero_grad")  # for the default optimizer_step
+        self._call_directly = False
         self._engine = engine_for(self.accelerator)
         self._transfer = _batch_transfer_hook(module, datamodule)
         self._last_output = None
@@ -1236,6 +1265,7 @@ class Trainer:
         self._preemption = PreemptionWatcher()
         self._preempt_agreed = False
         self._preemption_poll = PreemptionPoll()
+        self._one_process = self.accelerator.num_processes == 1  # asked on every step
         self._guard: NonFiniteGuard | None = None
         self._toggle: OptimizerToggle | None = None
         self._batch_idx = 0
@@ -1366,10 +1396,12 @@ class Trainer:
         # the wrapper each optimizer's training_step runs through (the same one unless per-optimizer DDP)
         self._wrappers = wrappers if len(wrappers) == n_opt else [wrappers[0]] * max(n_opt, 1)
         self._unique_wrappers = wrappers
+        self._call_directly = len(wrappers) == 1 and _is_bare_dispatcher(wrappers[0])
         self._optimizers = prepared.optimizers
         _cache_accelerate_availability_checks()
         for opt in self._optimizers:
             _install_fast_zero_grad(opt)
+            mark_requires_closure(opt)
         self._direct_backward = self._engine.direct_backward()
         for cfg, sched in zip(config.schedulers, prepared.schedulers):
             # We decide when a scheduler steps; Accelerate's wrapper would otherwise step it
@@ -1441,9 +1473,11 @@ class Trainer:
         # Validation shards are uneven on purpose: padding duplicates would bias the metrics.
         accelerator.even_batches = even_batches
         try:
-            return accelerator.prepare(loader)
+            prepared = accelerator.prepare(loader)
         finally:
             accelerator.even_batches = previous
+        _skip_noop_placement(prepared)
+        return prepared
 
     def _warmup_per_optimizer(self, n_opt: int) -> list[int | None]:
         warmup: list[int | None] = [None] * n_opt
@@ -1738,6 +1772,59 @@ def _mark_stepped(optimizers: list, steps: list[int]) -> None:
     for optimizer, count in zip(optimizers, steps):
         if count:
             unwrap_optimizer(optimizer)._opt_called = True
+
+
+def _is_bare_dispatcher(wrapper: Any) -> bool:
+    """The prepared model is our own ``_StepDispatcher``, unwrapped, its ``forward`` untouched, without hooks.
+
+    That is the case on one process without mixed precision (Accelerate's ``prepare`` hands the
+    model back as it is); DDP/FSDP wrappers, Accelerate's autocast ``forward`` or a hook make it False.
+    """
+    return (
+        type(wrapper) is _StepDispatcher
+        and "forward" not in vars(wrapper)
+        and getattr(wrapper, "_compiled_call_impl", None) is None
+        and not (wrapper._forward_hooks or wrapper._forward_pre_hooks or wrapper._backward_hooks or wrapper._backward_pre_hooks)
+    )
+
+
+def _global_module_hooks(
+    pre=nn_module._global_forward_pre_hooks,
+    post=nn_module._global_forward_hooks,
+    backward_pre=nn_module._global_backward_pre_hooks,
+    backward=nn_module._global_backward_hooks,
+) -> bool:
+    """Hooks registered for every module (``torch.nn.modules.module.register_module_forward_hook`` …).
+
+    The dicts are bound once: torch registers global hooks into them in place.
+    """
+    return bool(pre or post or backward_pre or backward)
+
+
+def _accelerator_present() -> bool:
+    """Whether this machine has any device besides the CPU (CUDA, MPS, XPU …)."""
+    if torch.cuda.is_available():
+        return True
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and hasattr(accelerator, "is_available"):
+        return bool(accelerator.is_available())
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
+def _skip_noop_placement(loader: Any) -> None:
+    """No ``send_to_device`` per batch where it cannot move anything.
+
+    Accelerate's ``DataLoaderShard`` sends every batch to the accelerator's device (a recursive
+    walk and a ``.to()`` per tensor: 9-21 µs per batch on one CPU process, measured in
+    benchmarks/RESULTS.md). On a machine with no device besides the CPU every tensor a dataset
+    yields is already a CPU tensor, so that placement is a no-op, and the loader is told so.
+    Anywhere an accelerator exists (also with ``cpu=True``) batches are placed as Accelerate does.
+    """
+    if type(loader).__name__ != "DataLoaderShard" or getattr(loader, "device", None) is None:
+        return
+    if torch.device(loader.device).type == "cpu" and not _accelerator_present():
+        loader.device = None
 
 
 def _batch_transfer_hook(module: TrainingModule, datamodule: Any) -> Callable | None:
