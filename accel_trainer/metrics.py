@@ -176,7 +176,7 @@ class MetricCollector:
                 entry = entries[name + suffix] = _Entry(name, on_step, on_epoch, prog_bar, logger, sync_dist, reduce_fx, suffix=suffix)
             entry.dataloaders.add(dl_idx)
 
-        if isinstance(value, torch.Tensor):
+        if type(value) is torch.Tensor or isinstance(value, torch.Tensor):  # the exact type first: isinstance is slow on Tensor
             if value.numel() != 1:
                 raise ConfigurationError(
                     f"self.log({name!r}, value) needs a scalar; received a tensor of shape {tuple(value.shape)}."
@@ -203,11 +203,25 @@ class MetricCollector:
 
         if on_step:
             entry.step_value = tensor
-            self._publish_step(entry)
+            if entry.prog_bar or self.stage != "train":
+                self._publish_step(entry)
+            else:  # _publish_step's training case, inlined: it runs for every logged value
+                metrics = self.callback_metrics
+                for key in entry.step_keys:
+                    metrics[key] = tensor
         if on_epoch:
             if reduce_fx == "mean":
-                weight = batch_size if batch_size is not None else self._current_batch_size()
-                self._add_to_epoch(entry, tensor, weight)
+                weight = batch_size if batch_size is not None else (self._batch_size or self._current_batch_size())
+                acc = entry.epoch_sum
+                if acc is None or entry.pending == self._generation:
+                    self._add_to_epoch(entry, tensor, weight)
+                else:  # _add_to_epoch's usual case, inlined
+                    group = self._pending.get(weight)
+                    if group is None:
+                        group = self._pending[weight] = ([], [])
+                    group[0].append(acc)
+                    group[1].append(tensor)
+                    entry.pending = self._generation
                 entry.epoch_weight += weight
             elif reduce_fx == "sum":
                 self._add_to_epoch(entry, tensor, 1)

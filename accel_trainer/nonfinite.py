@@ -108,6 +108,8 @@ class NonFiniteGuard:
         self._fused = True
         self._local: bool | None = None  # gradients are DTensors (FSDP2): check this rank's shards
         self.skipped = 0
+        if on_host and not self.deferred and check_gradients and not self.poison_backward and not self.sharded:
+            self.check_step = self._host_check_step()  # type: ignore[method-assign]
 
     # -- each step ------------------------------------------------------------------------------
     def backward_kwargs(self, loss: torch.Tensor) -> dict[str, Any]:
@@ -162,13 +164,34 @@ class NonFiniteGuard:
             self._host[opt_idx : opt_idx + 1].copy_(slot)  # "skip" on an accelerator: one sync per step
         if not self._host_view[opt_idx]:
             return False
+        return self._found(opt_idx, loss, where)
+
+    def _found(self, opt_idx: int, loss: torch.Tensor, where: Callable[[], dict[str, Any]]) -> bool:
+        """Optimizer ``opt_idx``'s flag is set, now: raise, or skip (True) and clear the flag."""
         info = where()
         if not self.skip:
             self._raise(opt_idx, info, False, loss)
-        slot.zero_()
+        self._slots[opt_idx].zero_()
         self.skipped += 1
         self._warn_skip(opt_idx, info, loss)
         return True
+
+    def _host_check_step(self) -> Callable[[int, torch.Tensor, Callable[[], dict[str, Any]]], bool]:
+        """:meth:`check_step` for the usual CPU case (one process or DDP, "raise", or "skip" on one
+        process): the same steps with everything bound once, since it runs on every step."""
+        params, slots, one, view = self.params, self._slots, self._one, self._host_view
+        kernel, general, found = torch._amp_foreach_non_finite_check_and_unscale_, self.check_step, self._found
+        tensor_type = torch.Tensor
+
+        def check_step(opt_idx: int, loss: torch.Tensor, where: Callable[[], dict[str, Any]]) -> bool:
+            tensors = [g for p in params[opt_idx] if (g := p.grad) is not None]
+            if tensors and type(tensors[0]) is not tensor_type:
+                return general(opt_idx, loss, where)  # a tensor subclass: the general path
+            tensors.append(loss)
+            kernel(tensors, slots[opt_idx], one)
+            return found(opt_idx, loss, where) if view[opt_idx] else False
+
+        return check_step
 
     def end_batch(self, where: Callable[[], dict[str, Any]]) -> None:
         """After a batch's optimizer steps: start the copy of its flags (deferred mode only)."""

@@ -959,19 +959,21 @@ class Trainer:
             self._last_output = self._wrapped("training_step", batch, batch_idx)
             return self._last_output
         accelerator = self.accelerator
-        accelerator.sync_gradients = is_boundary
+        if self._gradient_state.sync_gradients is not is_boundary:  # Accelerate's setter, only on a change
+            accelerator.sync_gradients = is_boundary
         self._batch_idx = batch_idx
         outputs = None
+        due = self._all_optimizer_indices if self._frequency_cumsum is None else self._due_optimizers()
         try:
-            if is_boundary or accelerator.num_processes == 1:
+            if is_boundary or self._one_process:
                 # no no_sync contexts to enter: skip building an ExitStack on every batch
-                for opt_idx in self._due_optimizers():
+                for opt_idx in due:
                     outputs = self._optimize(batch, batch_idx, opt_idx, is_boundary)
             else:
                 with contextlib.ExitStack() as context:
                     for wrapper in self._unique_wrappers:
                         context.enter_context(accelerator.no_sync(wrapper))
-                    for opt_idx in self._due_optimizers():
+                    for opt_idx in due:
                         outputs = self._optimize(batch, batch_idx, opt_idx, is_boundary)
         finally:
             if self._toggle is not None:
@@ -1021,25 +1023,29 @@ class Trainer:
 
     def _forward_backward(self, batch: Any, batch_idx: int, opt_idx: int) -> torch.Tensor | None:
         args = (batch, batch_idx, opt_idx) if self._pass_optimizer_idx else (batch, batch_idx)
-        if self._call_directly and not _global_module_hooks():
+        if self._call_directly and not (_GLOBAL_PRE or _GLOBAL_POST or _GLOBAL_BACKWARD_PRE or _GLOBAL_BACKWARD):
             # the dispatcher is not wrapped (one process, no autocast) and has no hooks: its
             # nn.Module __call__ would only forward the call (~3 µs per step saved)
             output = self._module.training_step(*args)
         else:
             output = self._wrappers[opt_idx]("training_step", *args)
         self._last_output = output
-        loss = self._extract_loss(output, opt_idx)
-        if loss is None:
-            return None
+        if type(output) is torch.Tensor and output.requires_grad and output.numel() == 1:
+            loss = output  # the usual case, checked in three attribute reads
+        else:
+            loss = self._extract_loss(output, opt_idx)
+            if loss is None:
+                return None
         # Nothing is read back here: the non-finite guard checks the loss (and, before the
         # optimizer steps, the gradients) on the device (accel_trainer/nonfinite.py).
         if self._on_before_backward is not None:
             self._on_before_backward(loss)
-        seed = self._guard.backward_kwargs(loss) if self._guard.poison_backward else {}
-        if self._direct_backward:
-            loss.backward(**seed)
+        if self._guard.poison_backward:  # DDP "skip": a non-finite loss seeds its backward with NaN
+            self.accelerator.backward(loss, **self._guard.backward_kwargs(loss))
+        elif self._direct_backward:
+            loss.backward()
         else:
-            self.accelerator.backward(loss, **seed)
+            self.accelerator.backward(loss)
         if self._on_after_backward is not None:
             self._on_after_backward()
         self._last_loss = self._last_losses[opt_idx] = loss.detach()
@@ -1397,6 +1403,7 @@ class Trainer:
         self._wrappers = wrappers if len(wrappers) == n_opt else [wrappers[0]] * max(n_opt, 1)
         self._unique_wrappers = wrappers
         self._call_directly = len(wrappers) == 1 and _is_bare_dispatcher(wrappers[0])
+        self._gradient_state = accelerator.gradient_state
         self._optimizers = prepared.optimizers
         _cache_accelerate_availability_checks()
         for opt in self._optimizers:
@@ -1788,17 +1795,13 @@ def _is_bare_dispatcher(wrapper: Any) -> bool:
     )
 
 
-def _global_module_hooks(
-    pre=nn_module._global_forward_pre_hooks,
-    post=nn_module._global_forward_hooks,
-    backward_pre=nn_module._global_backward_pre_hooks,
-    backward=nn_module._global_backward_hooks,
-) -> bool:
-    """Hooks registered for every module (``torch.nn.modules.module.register_module_forward_hook`` …).
-
-    The dicts are bound once: torch registers global hooks into them in place.
-    """
-    return bool(pre or post or backward_pre or backward)
+# Hooks registered for every module (``torch.nn.modules.module.register_module_forward_hook`` …):
+# torch registers them into these dicts in place, so they are bound once. Calling the dispatcher
+# directly is only right while all are empty (nn.Module.__call__ would run them).
+_GLOBAL_PRE = nn_module._global_forward_pre_hooks
+_GLOBAL_POST = nn_module._global_forward_hooks
+_GLOBAL_BACKWARD_PRE = nn_module._global_backward_pre_hooks
+_GLOBAL_BACKWARD = nn_module._global_backward_hooks
 
 
 def _accelerator_present() -> bool:
