@@ -1,10 +1,13 @@
-# Benchmarks of issue 6; see benchmarks/RESULTS.md for the tables and how each number was taken.
-# `make bench` runs every CPU case (about 8 minutes on 2 cores); `make bench-gpu` the GPU case.
+# Benchmarks of issues 6 and 16; see benchmarks/RESULTS.md for the tables and how each number was taken.
+# `make bench` runs every CPU case (about 12 minutes on 2 cores); `make bench-gpu` the GPU case.
+# LIGHTNING_PYTHON=/path/to/venv/bin/python adds PyTorch Lightning's column to the paired cases.
 PYTHON ?= python
 ROUNDS ?= 5
+LIGHTNING_PYTHON ?=
 
 .PHONY: bench bench-gpu
 bench:
+	$(PYTHON) benchmarks/overhead.py --rounds $(ROUNDS) $(if $(LIGHTNING_PYTHON),--lightning-python $(LIGHTNING_PYTHON))
 	$(PYTHON) benchmarks/mlp.py --preset tiny --rounds $(ROUNDS)
 	$(PYTHON) benchmarks/gan.py --rounds $(ROUNDS)
 	$(PYTHON) benchmarks/ddp.py --rounds $(ROUNDS)
