@@ -221,8 +221,10 @@ class _Hooks:
         """A function that calls hook ``name``, or None when neither a callback nor the module implements it
         (resolved once, so the per-step hooks nobody uses cost nothing at all)."""
         cbs, mod = self._cache.get(name) or self._resolve(name)
-        if not cbs and mod is None:
-            return None
+        if not cbs:
+            return mod  # None when nobody implements it
+        if len(cbs) == 1 and mod is None:
+            return functools.partial(cbs[0], self.trainer, self.module)
         return functools.partial(self.__call__, name)
 
     def callbacks_only(self, name: str, *args: Any) -> None:
@@ -620,7 +622,7 @@ class Trainer:
             self._runner = SchedulerRunner(
                 self._scheduler_configs,
                 len(self._optimizers),
-                module.lr_scheduler_step,
+                _scheduler_step_function(module),
                 lambda: self.callback_metrics,
                 pending_plateau=self.state.pending_plateau,
             )
@@ -699,7 +701,11 @@ class Trainer:
         skip = state.batches_done_in_epoch
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
-        iterator = self._epoch_iterator(loader, skip)
+        if self._resume is None:  # the usual case: the loader's own iterator, no generator in between
+            self._epoch_start = ckpt_io.capture_epoch_start(loader)
+            iterator = iter(loader)
+        else:
+            iterator = self._epoch_iterator(loader, skip)
         progress = self._progress_bar = self._progress(n_batches, epoch, skip)
         stopped_by_steps = False
         # resumed from a checkpoint written inside a batch: first what was still due after it
@@ -1002,13 +1008,23 @@ class Trainer:
             # on_nonfinite_loss="skip": no step; its gradients must not reach the next one
             optimizer.zero_grad()
             return self._last_output
-        self._clip_gradients(opt_idx)
+        if self.gradient_clip_val is not None:
+            self._clip_gradients(opt_idx)
         if self._on_before_optimizer_step is not None:
             self._on_before_optimizer_step(optimizer)
-        before = self.state.optimizer_steps[opt_idx]
-        closure = _Closure(self, batch, batch_idx, opt_idx, loss)
-        self._module.optimizer_step(self.state.current_epoch, batch_idx, optimizer, opt_idx, closure)
-        after = self.state.optimizer_steps[opt_idx]
+        steps = self.state.optimizer_steps
+        before = steps[opt_idx]
+        if self._plain_step[opt_idx]:
+            # TrainingModule.optimizer_step's own body (not overridden, no closure needed), inlined:
+            # it runs on every step
+            optimizer.step()
+            if self._on_before_zero_grad is not None:
+                self._on_before_zero_grad(optimizer)
+            self._module.optimizer_zero_grad(self.state.current_epoch, batch_idx, optimizer)
+        else:
+            closure = _Closure(self, batch, batch_idx, opt_idx, loss)
+            self._module.optimizer_step(self.state.current_epoch, batch_idx, optimizer, opt_idx, closure)
+        after = steps[opt_idx]
         if after != before:
             self._runner.after_optimizer_steps(opt_idx, before, after)
         return self._last_output
@@ -1409,6 +1425,8 @@ class Trainer:
         for opt in self._optimizers:
             _install_fast_zero_grad(opt)
             mark_requires_closure(opt)
+        default_step = type(module).optimizer_step is TrainingModule.optimizer_step and "optimizer_step" not in vars(module)
+        self._plain_step = [default_step and not requires_closure(opt) for opt in self._optimizers]
         self._direct_backward = self._engine.direct_backward()
         for cfg, sched in zip(config.schedulers, prepared.schedulers):
             # We decide when a scheduler steps; Accelerate's wrapper would otherwise step it
@@ -1779,6 +1797,33 @@ def _mark_stepped(optimizers: list, steps: list[int]) -> None:
     for optimizer, count in zip(optimizers, steps):
         if count:
             unwrap_optimizer(optimizer)._opt_called = True
+
+
+def _scheduler_step_function(module: TrainingModule) -> Callable[[Any, Any], None]:
+    """``module.lr_scheduler_step``, or the same steps without two layers of calls when it is not overridden.
+
+    ``TrainingModule.lr_scheduler_step`` calls ``scheduler.step()`` (or ``step(metric)``), and the
+    prepared scheduler, an ``AcceleratedScheduler`` that the trainer set to
+    ``step_with_optimizer=False``, then only calls its own scheduler's ``step``: that call is
+    made directly (it runs after every optimizer step with a step-interval scheduler).
+    """
+    hook = module.lr_scheduler_step
+    if type(module).lr_scheduler_step is not TrainingModule.lr_scheduler_step or "lr_scheduler_step" in vars(module):
+        return hook
+    try:
+        from accelerate.scheduler import AcceleratedScheduler
+    except ImportError:  # pragma: no cover
+        return hook
+
+    def step(scheduler: Any, metric: Any) -> None:
+        if type(scheduler) is AcceleratedScheduler and not scheduler.step_with_optimizer:
+            scheduler = scheduler.scheduler
+        if metric is None:
+            scheduler.step()
+        else:
+            scheduler.step(metric)
+
+    return step
 
 
 def _is_bare_dispatcher(wrapper: Any) -> bool:
