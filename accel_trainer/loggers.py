@@ -113,7 +113,8 @@ class CSVTracker(GeneralTracker):
 
     def log(self, values: dict, step: int | None = None, **kwargs: Any) -> None:
         row = {"step": step, **values}
-        new = [k for k in row if k not in self._columns]
+        known = set(self._columns)
+        new = [k for k in row if k not in known]
         if new:
             self._rewrite_with(self._columns + new)
         with open(self.metrics_path, "a", newline="") as f:

@@ -40,7 +40,7 @@ def is_metric_object(value: Any) -> bool:
 
 def extract_batch_size(batch: Any) -> int:
     """Size of the first dimension of the first tensor found in ``batch`` (1 if none)."""
-    if isinstance(batch, torch.Tensor):
+    if type(batch) is torch.Tensor or isinstance(batch, torch.Tensor):  # the exact type first: isinstance is slow here
         return int(batch.shape[0]) if batch.ndim > 0 else 1
     if isinstance(batch, (list, tuple)):
         for item in batch:
@@ -95,12 +95,14 @@ class MetricCollector:
         self.device = device
         self.module = module
         self.num_processes = num_processes
-        self.stage = "train"
-        self.in_epoch_end = False
-        #: while True, ``self.log`` calls are dropped (filler forward passes, see ``lockstep.py``)
-        self.discarding = False
-        #: the dataloader being evaluated when there are several (None: one, or outside a dataloader)
-        self.dataloader_idx: int | None = None
+        self._stage = "train"
+        self._in_epoch_end = False
+        self._discarding = False
+        self._dataloader_idx: int | None = None
+        # per name, what a training_step call with the same options (the usual case, every step)
+        # does: (options, entry, on_step, on_epoch, mean) -- decided by the first such call
+        self._fast: dict[str, tuple] = {}
+        self._fast_ok = True  # in a training step (not an epoch end, one dataloader, not discarding)
         self._entries: dict[str, dict[str, _Entry]] = {"train": {}, "validate": {}, "test": {}, "sanity": {}}
         self._batch: Any = None
         self._batch_size: int | None = None
@@ -116,6 +118,49 @@ class MetricCollector:
         self._generation = 0
 
     # -- context set by the trainer ---------------------------------------------------------
+    @property
+    def stage(self) -> str:
+        """"train", "validate", "test" or "sanity": where ``self.log`` calls go."""
+        return self._stage
+
+    @stage.setter
+    def stage(self, value: str) -> None:
+        self._stage = value
+        self._context_changed()
+
+    @property
+    def in_epoch_end(self) -> bool:
+        """True while an epoch-end hook runs (no step there)."""
+        return self._in_epoch_end
+
+    @in_epoch_end.setter
+    def in_epoch_end(self, value: bool) -> None:
+        self._in_epoch_end = value
+        self._context_changed()
+
+    @property
+    def discarding(self) -> bool:
+        """While True, ``self.log`` calls are dropped (filler forward passes, see ``lockstep.py``)."""
+        return self._discarding
+
+    @discarding.setter
+    def discarding(self, value: bool) -> None:
+        self._discarding = value
+        self._context_changed()
+
+    @property
+    def dataloader_idx(self) -> int | None:
+        """The dataloader being evaluated when there are several (None: one, or outside a dataloader)."""
+        return self._dataloader_idx
+
+    @dataloader_idx.setter
+    def dataloader_idx(self, value: int | None) -> None:
+        self._dataloader_idx = value
+        self._context_changed()
+
+    def _context_changed(self) -> None:
+        self._fast_ok = self._stage == "train" and not self._in_epoch_end and not self._discarding and self._dataloader_idx is None
+
     def set_batch(self, batch: Any) -> None:
         self._batch = batch
         self._batch_size = None
@@ -123,6 +168,8 @@ class MetricCollector:
     def reset_stage(self, stage: str) -> None:
         self.flush()
         self._entries[stage] = {}
+        if stage == "train":
+            self._fast.clear()  # its entries were this dict's
 
     def entries(self, stage: str) -> dict[str, _Entry]:
         return self._entries[stage]
@@ -141,6 +188,39 @@ class MetricCollector:
         batch_size: int | None = None,
         add_dataloader_idx: bool = True,
     ) -> None:
+        # what decides what a call does once its entry exists (logger, sync_dist and prog_bar only
+        # matter when the entry is created)
+        options = (on_step, on_epoch, reduce_fx, batch_size is None, add_dataloader_idx)
+        if self._fast_ok and type(value) is torch.Tensor:
+            fast = self._fast.get(name)
+            if fast is not None and fast[0] == options and value.dim() == 0:
+                # A training_step call like the one that created this entry: the same decisions
+                # (below, in full) without taking them again -- this runs for every value, every step.
+                entry = fast[1]
+                tensor = value.detach() if value.requires_grad else value
+                if fast[2]:  # on_step; no progress bar
+                    entry.step_value = tensor
+                    metrics = self.callback_metrics
+                    for key in entry.step_keys:
+                        metrics[key] = tensor
+                if fast[3]:  # on_epoch, "mean" or "sum"
+                    mean = fast[4]
+                    weight = (batch_size if batch_size is not None else (self._batch_size or self._current_batch_size())) if mean else 1
+                    acc = entry.epoch_sum
+                    if acc is None or entry.pending == self._generation:
+                        self._add_to_epoch(entry, tensor, weight)
+                    else:
+                        group = self._pending.get(weight)
+                        if group is None:
+                            group = self._pending[weight] = ([], [])
+                        group[0].append(acc)
+                        group[1].append(tensor)
+                        entry.pending = self._generation
+                    if mean:
+                        entry.epoch_weight += weight
+                    else:
+                        entry.epoch_weight = 1.0
+                return
         if self.discarding:
             return
         if add_dataloader_idx and "/dataloader_idx_" in name:
@@ -184,6 +264,8 @@ class MetricCollector:
             tensor = value.detach() if value.requires_grad else value
             if tensor.dim():
                 tensor = tensor.reshape(())
+            if self._fast_ok and type(value) is torch.Tensor and not entry.prog_bar and reduce_fx in ("mean", "sum"):
+                self._fast[name] = (options, entry, on_step, on_epoch, reduce_fx == "mean")
         elif is_metric_object(value):
             if entry.metric is not value:
                 entry.metric, entry.is_metric = value, True
@@ -310,10 +392,14 @@ class MetricCollector:
                 if entry.sync_dist and self.num_processes > 1:
                     value = reduce(value.to(self.device))
                 names.append((entry.name + "_step" if entry.on_epoch else entry.name) + entry.suffix)
-                tensors.append(value.to(self.device, torch.float64))
+                tensors.append(value)
         if not tensors:
             return {}
-        values = torch.stack(tensors).tolist()
+        device = tensors[0].device
+        if all(t.device == device for t in tensors):  # usually: one stack (it promotes dtypes), one read-back
+            values = torch.stack(tensors).to(torch.float64).tolist()
+        else:
+            values = torch.stack([t.to(self.device, torch.float64) for t in tensors]).tolist()
         return dict(zip(names, values))
 
     # -- epoch end ------------------------------------------------------------------------------

@@ -119,7 +119,7 @@ class NonFiniteGuard:
         return {"gradient": torch.where(torch.isfinite(loss.detach()), 1.0, math.nan).to(loss.dtype)}
 
     def check_loss(self, opt_idx: int, loss: torch.Tensor, where: Callable[[], dict[str, Any]]) -> None:
-        """A (detached) loss that backward consumed without an optimizer step (a non-boundary batch)."""
+        """A loss that backward consumed without an optimizer step (a non-boundary batch)."""
         if self.poison_backward:
             return  # it reaches the gradients through the backward seed
         if self.deferred:
@@ -129,7 +129,10 @@ class NonFiniteGuard:
             self._raise(opt_idx, where(), False, loss)
 
     def check_step(self, opt_idx: int, loss: torch.Tensor, where: Callable[[], dict[str, Any]]) -> bool:
-        """Before optimizer ``opt_idx`` steps (``loss`` detached): True when the step must be skipped.
+        """Before optimizer ``opt_idx`` steps: True when the step must be skipped.
+
+        ``loss`` may still require grad: the kernel reads it (and multiplies it by 1 in place)
+        without autograd noticing, so no ``detach()`` is paid for it.
 
         Raises:
             TrainingError: in "raise" mode, for this step (CPU) or for the previous batch's

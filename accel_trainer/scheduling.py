@@ -185,6 +185,27 @@ class SchedulerRunner:
             else:
                 self.epoch_schedulers.append(cfg)
 
+    def every_step(self, opt_idx: int, direct: bool) -> list | None:
+        """The schedulers to step after each real step of optimizer ``opt_idx``, when that is all there is to it.
+
+        That is the usual case: step-interval schedulers with ``frequency`` 1, not plateau ones,
+        stepped through the default ``lr_scheduler_step`` (``direct``): the trainer then steps
+        them itself, without the two calls of :meth:`after_optimizer_steps` per step. Their
+        Accelerate wrapper is skipped too (set to ``step_with_optimizer=False``, it only calls
+        its scheduler's ``step``). ``None``: use :meth:`after_optimizer_steps`.
+        """
+        found = []
+        for cfg, plateau in self._by_optimizer[opt_idx]:
+            if plateau or cfg.frequency != 1 or not direct:
+                return None
+            scheduler = cfg.scheduler
+            if type(scheduler).__name__ == "AcceleratedScheduler":
+                if getattr(scheduler, "step_with_optimizer", True):
+                    return None
+                scheduler = scheduler.scheduler
+            found.append(scheduler)
+        return found
+
     def after_optimizer_steps(self, opt_idx: int, steps_before: int, steps_after: int) -> None:
         """Advance optimizer ``opt_idx``'s step schedulers for each real step just taken."""
         schedulers = self._by_optimizer[opt_idx]

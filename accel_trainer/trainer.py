@@ -217,13 +217,17 @@ class _Hooks:
             return mod(*args)
         return None
 
-    def caller(self, name: str) -> Callable | None:
-        """A function that calls hook ``name``, or None when neither a callback nor the module implements it
-        (resolved once, so the per-step hooks nobody uses cost nothing at all)."""
+    def caller(self, name: str, result: bool = False) -> Callable | None:
+        """A function that calls hook ``name`` as ``__call__`` does, or None when neither a callback nor
+        the module implements it (resolved once, so per-step hooks nobody uses cost nothing at all).
+
+        ``result``: the caller reads the return value, which is the module's (a callback's is
+        ignored), so a lone callback is not called directly then.
+        """
         cbs, mod = self._cache.get(name) or self._resolve(name)
         if not cbs:
             return mod  # None when nobody implements it
-        if len(cbs) == 1 and mod is None:
+        if len(cbs) == 1 and mod is None and not result:
             return functools.partial(cbs[0], self.trainer, self.module)
         return functools.partial(self.__call__, name)
 
@@ -261,6 +265,7 @@ class _Closure:
                 loss = trainer._forward_backward(self._batch, self._batch_idx, self._opt_idx)
                 if loss is None:
                     raise TrainingError("training_step returned None inside an optimizer closure; a closure needs a loss.")
+                loss = loss.detach()
                 if not math.isfinite(float(loss)):  # the optimizer reads it anyway; a step under way cannot be skipped
                     raise TrainingError(
                         f"training_step returned a non-finite loss ({float(loss)}) when optimizer {self._opt_idx}'s "
@@ -626,6 +631,8 @@ class Trainer:
                 lambda: self.callback_metrics,
                 pending_plateau=self.state.pending_plateau,
             )
+            default_hook = _overrides(module, "lr_scheduler_step") is False
+            self._every_step = [self._runner.every_step(i, default_hook) for i in range(len(self._optimizers))]
             self._monitor_on_validation = self._validation_not_once_per_epoch()
             # The run really starts here: a config or checkpoint refused above left the run
             # directory's records (config.yaml, metrics.csv, hparams.json, run_status.json) as they were.
@@ -687,7 +694,8 @@ class Trainer:
         check_val = validate_this_epoch and bool(val_every)  # validations inside this epoch
         accumulate = self.gradient_accumulation_steps
         transfer = self._transfer
-        batch_start, batch_end = self._hooks.caller("on_train_batch_start"), self._hooks.caller("on_train_batch_end")
+        # on_train_batch_start may return -1 (the module's answer) to end the epoch
+        batch_start, batch_end = self._hooks.caller("on_train_batch_start", result=True), self._hooks.caller("on_train_batch_end")
         log_every, sync_every = self.log_every_n_steps, self.check_rank_sync_every_n_steps
         one_process, preemption = self._one_process, self._preemption
 
@@ -1020,13 +1028,21 @@ class Trainer:
             optimizer.step()
             if self._on_before_zero_grad is not None:
                 self._on_before_zero_grad(optimizer)
-            self._module.optimizer_zero_grad(self.state.current_epoch, batch_idx, optimizer)
+            if self._default_zero_grad:
+                optimizer.zero_grad()  # TrainingModule.optimizer_zero_grad's body
+            else:
+                self._module.optimizer_zero_grad(self.state.current_epoch, batch_idx, optimizer)
         else:
-            closure = _Closure(self, batch, batch_idx, opt_idx, loss)
+            closure = _Closure(self, batch, batch_idx, opt_idx, loss.detach())
             self._module.optimizer_step(self.state.current_epoch, batch_idx, optimizer, opt_idx, closure)
         after = steps[opt_idx]
         if after != before:
-            self._runner.after_optimizer_steps(opt_idx, before, after)
+            every_step = self._every_step[opt_idx]
+            if every_step is not None and after == before + 1:
+                for scheduler in every_step:  # SchedulerRunner's usual case, without its two calls
+                    scheduler.step()
+            else:
+                self._runner.after_optimizer_steps(opt_idx, before, after)
         return self._last_output
 
     def _where(self) -> dict[str, Any]:
@@ -1064,8 +1080,9 @@ class Trainer:
             self.accelerator.backward(loss)
         if self._on_after_backward is not None:
             self._on_after_backward()
-        self._last_loss = self._last_losses[opt_idx] = loss.detach()
-        return self._last_loss
+        # kept as returned (detached only when shown): the graph is kept alive by _last_output anyway
+        self._last_loss = self._last_losses[opt_idx] = loss
+        return loss
 
     def _nonfinite_is_fatal(self) -> bool:
         return self.on_nonfinite_loss == "raise"
@@ -1425,8 +1442,9 @@ class Trainer:
         for opt in self._optimizers:
             _install_fast_zero_grad(opt)
             mark_requires_closure(opt)
-        default_step = type(module).optimizer_step is TrainingModule.optimizer_step and "optimizer_step" not in vars(module)
+        default_step = _overrides(module, "optimizer_step") is False
         self._plain_step = [default_step and not requires_closure(opt) for opt in self._optimizers]
+        self._default_zero_grad = _overrides(module, "optimizer_zero_grad") is False
         self._direct_backward = self._engine.direct_backward()
         for cfg, sched in zip(config.schedulers, prepared.schedulers):
             # We decide when a scheduler steps; Accelerate's wrapper would otherwise step it
@@ -1643,10 +1661,10 @@ class Trainer:
         if n_opt > 1 and self._last_losses:
             # one loss per optimizer (generator/discriminator), in optimizer order like the lr column
             postfix["loss"] = "/".join(
-                f"{float(self._last_losses[i]):.4g}" if i in self._last_losses else "-" for i in range(n_opt)
+                f"{float(self._last_losses[i].detach()):.4g}" if i in self._last_losses else "-" for i in range(n_opt)
             )
         elif self._last_loss is not None:
-            postfix["loss"] = f"{float(self._last_loss):.4g}"
+            postfix["loss"] = f"{float(self._last_loss.detach()):.4g}"
         current = self.state.current_epoch
         from_epoch = self._metrics.progress_bar_epochs
         for name, value in self._metrics.progress_bar_metrics.items():
@@ -1799,6 +1817,11 @@ def _mark_stepped(optimizers: list, steps: list[int]) -> None:
             unwrap_optimizer(optimizer)._opt_called = True
 
 
+def _overrides(module: TrainingModule, name: str) -> bool:
+    """Whether ``module`` replaces ``TrainingModule.<name>`` (in its class or on the instance)."""
+    return getattr(type(module), name) is not getattr(TrainingModule, name) or name in vars(module)
+
+
 def _scheduler_step_function(module: TrainingModule) -> Callable[[Any, Any], None]:
     """``module.lr_scheduler_step``, or the same steps without two layers of calls when it is not overridden.
 
@@ -1808,7 +1831,7 @@ def _scheduler_step_function(module: TrainingModule) -> Callable[[Any, Any], Non
     made directly (it runs after every optimizer step with a step-interval scheduler).
     """
     hook = module.lr_scheduler_step
-    if type(module).lr_scheduler_step is not TrainingModule.lr_scheduler_step or "lr_scheduler_step" in vars(module):
+    if _overrides(module, "lr_scheduler_step"):
         return hook
     try:
         from accelerate.scheduler import AcceleratedScheduler

@@ -368,3 +368,17 @@ def test_checkpoint_hooks_add_and_read_entries(trainer_kwargs):
     module, cb = _Extra(), _SeesCheckpoints()
     Trainer(max_epochs=3, callbacks=[cb], **trainer_kwargs).fit(module, loader(16, 8), ckpt_path="last")
     assert module.loaded == 9 and cb.loaded == [9]
+
+
+def test_only_the_modules_on_train_batch_start_can_end_the_epoch(trainer_kwargs):
+    """A callback returning -1 from on_train_batch_start does not end the epoch (Lightning: only the module's does)."""
+    from accel_trainer import Callback, Trainer
+    from helpers import Regressor, loader
+
+    class ReturnsMinusOne(Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            return -1
+
+    trainer = Trainer(max_epochs=1, callbacks=[ReturnsMinusOne()], **trainer_kwargs)
+    trainer.fit(Regressor(), loader(32, 8))
+    assert trainer.global_step == 4
