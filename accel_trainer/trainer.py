@@ -16,6 +16,7 @@ Where every hook fires during ``fit`` (callbacks first, then the module, as in L
                 loss = training_step(batch, batch_idx, optimizer_i)   # through the DDP/autocast wrapper
                 on_before_backward(loss); backward(loss); on_after_backward()
                 on an accumulation boundary:
+                    NaN/inf in the loss or gradients: raise, or skip this step (accel_trainer/nonfinite.py)
                     clip gradients; on_before_optimizer_step(optimizer)
                     optimizer_step(epoch, batch_idx, optimizer, optimizer_i, closure)
                         # the default: optimizer.step(); on_before_zero_grad(optimizer); optimizer_zero_grad(...)
