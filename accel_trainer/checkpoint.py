@@ -292,7 +292,8 @@ def save(path: str, parts: CheckpointParts, on_save: Callable[[dict[str, Any]], 
     if on_save is not None:
         on_save(checkpoint)
     staging = _agreed_staging_directory(path, accelerator)
-    checkpoint["sharded"] = engine.save_payload(os.path.join(staging, SHARDS_DIR), parts.module, parts.wrapper, parts.optimizers)
+    meta = engine.save_payload(os.path.join(staging, engine.payload_dir), parts.module, parts.wrapper, parts.optimizers)
+    checkpoint["sharded"] = {"payload_dir": engine.payload_dir, **meta}
     accelerator.wait_for_everyone()  # every rank's shards are on disk
     if accelerator.is_main_process:
         atomic_save(checkpoint, os.path.join(staging, STATE_FILE))
@@ -354,7 +355,8 @@ def read(path: str) -> Any:
         checkpoint = load_checkpoint_file(state_file)
         if "sharded" not in checkpoint:
             raise CheckpointError(f"{state_file!r} has no description of its shards: the checkpoint is incomplete.")
-        return PayloadSource(path, checkpoint, shards=os.path.join(path, SHARDS_DIR))
+        payload = os.path.basename(str(checkpoint["sharded"].get("payload_dir", SHARDS_DIR)))
+        return PayloadSource(path, checkpoint, shards=os.path.join(path, payload))
     return PayloadSource(path, load_checkpoint_file(path))
 
 
@@ -389,13 +391,6 @@ def check_compatible(checkpoint: dict[str, Any], current_shapes: dict[str, tuple
         raise CheckpointError(f"Checkpoint {path!r} does not fit {module_name}: " + "; ".join(problems) + ".")
 
 
-def current_shapes(wrapper: torch.nn.Module) -> dict[str, tuple[int, ...]]:
-    """Name -> global shape of every tensor of the module being trained (any engine)."""
-    from .sharded_state import PREFIX, model_state
-
-    return {k[len(PREFIX):] if k.startswith(PREFIX) else k: tuple(v.shape) for k, v in model_state(wrapper).items()}
-
-
 def restore(path: str, parts: CheckpointParts, on_load: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any] | None:
     """Load ``path`` (either layout, written by any engine) into ``parts`` (every rank calls this).
 
@@ -406,7 +401,12 @@ def restore(path: str, parts: CheckpointParts, on_load: Callable[[dict[str, Any]
     source = read(path)
     checkpoint = source.checkpoint
     check_compatible(
-        checkpoint, current_shapes(parts.wrapper), type(parts.module).__name__, len(parts.optimizers), len(parts.schedulers), path
+        checkpoint,
+        parts.engine.state_shapes(parts.module, parts.wrapper),
+        type(parts.module).__name__,
+        len(parts.optimizers),
+        len(parts.schedulers),
+        path,
     )
     parts.engine.restore_payload(source, parts.module, parts.wrapper, parts.optimizers)
     for scheduler, sched_state in zip(parts.schedulers, checkpoint["lr_schedulers"]):
@@ -442,10 +442,15 @@ def load_weights(path: str) -> dict[str, torch.Tensor]:
 
     A sharded checkpoint is reassembled in this process's memory, so call it on one process.
     """
+    from .sharded_state import PREFIX, read_full_state
+
     source = read(path)
     if source.shards is None:
         return source.checkpoint["state_dict"]
-    from .sharded_state import PREFIX, read_full_state
+    if source.checkpoint["sharded"].get("engine") == "DeepSpeed":
+        from .engines.deepspeed import consolidated_weights
 
-    model = read_full_state(source.shards, prefixes=["model."])["model"]
+        model = consolidated_weights(source.shards)
+    else:
+        model = read_full_state(source.shards, prefixes=["model."])["model"]
     return {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in model.items()}

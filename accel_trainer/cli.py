@@ -288,8 +288,8 @@ def run(command: str, parser: Any, cfg: Any) -> Any:
         metrics = ", ".join(f"{k}={float(v):.4g}" for k, v in sorted(trainer.callback_metrics.items()) if _is_scalar(v))
         from .engines import engine_for
 
-        engine = engine_for(trainer.accelerator).describe()
-        _say(trainer, f"fit done on {trainer.world_size} process(es) with {engine}: epoch {trainer.current_epoch}, global_step {trainer.global_step}; {metrics}; run dir {root}")
+        engine = f" with {engine_for(trainer.accelerator).describe()}" if trainer.world_size > 1 else ""
+        _say(trainer, f"fit done on {trainer.world_size} process(es){engine}: epoch {trainer.current_epoch}, global_step {trainer.global_step}; {metrics}; run dir {root}")
     else:
         _load_weights(trainer, module, cfg.ckpt_path)
         if trainer.is_global_zero:

@@ -89,6 +89,14 @@ def unwrap_optimizer(optimizer: Any) -> Any:
     return optimizer
 
 
+def innermost_optimizer(optimizer: Any) -> Any:
+    """The user's torch optimizer behind every wrapper: Accelerate's, and DeepSpeed's ZeRO optimizer
+    (which keeps the user's optimizer as ``.optimizer`` and has no ``defaults`` of its own)."""
+    while hasattr(optimizer, "optimizer") and not (isinstance(optimizer, torch.optim.Optimizer) and "defaults" in vars(optimizer)):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
 def is_plateau_scheduler(scheduler: Any) -> bool:
     return isinstance(unwrap_scheduler(scheduler), ReduceLROnPlateau)
 

@@ -52,6 +52,7 @@ class StepTracker:
 
     def __init__(self, optimizers: list, state: "TrainingState", warmup_steps: list[int | None]) -> None:
         self._state = state
+        self._optimizers = list(optimizers)
         self._paused = False
         self._warmup = list(warmup_steps)
         self._saved_lrs: list[list[float] | None] = [None] * len(optimizers)
@@ -93,6 +94,29 @@ class StepTracker:
             self._state.optimizer_steps[i] += 1
 
         return post_hook
+
+    @contextlib.contextmanager
+    def warmup_applied(self, i: int) -> Iterator[None]:
+        """Optimizer ``i``'s warm-up factor on its learning rates for the duration of the block.
+
+        For engines that take the real optimizer step inside backward (DeepSpeed): the
+        pre-hook would fire only at the wrapper's no-op ``step()``, after the real one. The
+        factor is that of the next real step (``optimizer_steps[i]`` is not yet advanced), and
+        the scheduler's own learning rates are restored afterwards, as the post-hook does.
+        """
+        factor = warmup_factor(self._state.optimizer_steps[i], self._warmup[i])
+        if factor == 1.0:
+            yield
+            return
+        groups = unwrap_optimizer(self._optimizers[i]).param_groups
+        saved = [g["lr"] for g in groups]
+        for g in groups:
+            g["lr"] = _scale(g["lr"], factor)
+        try:
+            yield
+        finally:
+            for g, lr in zip(groups, saved):
+                g["lr"] = lr
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:

@@ -354,6 +354,7 @@ class Trainer:
                 f"accelerator's gradient_accumulation_steps={accelerator.gradient_accumulation_steps}. Set it on one of them."
             )
         _check_launch(accelerator)
+        _warn_if_restarts_cannot_reconnect()
         check_requested_engine(accelerator)
         if accelerator.num_processes > 1:
             _destroy_process_group_at_exit()
@@ -1015,6 +1016,10 @@ class Trainer:
         self._hooks("on_before_backward", loss)
         if self._direct_backward:
             loss.backward()
+        elif self._engine.step_inside_backward and self.accelerator.sync_gradients and self._automatic:
+            # DeepSpeed takes the optimizer step inside this backward: the warm-up goes around it
+            with self._step_tracker.warmup_applied(opt_idx):
+                self.accelerator.backward(loss)
         else:
             self.accelerator.backward(loss)
         self._hooks("on_after_backward")
@@ -1744,6 +1749,10 @@ def _make_accelerator(cpu: bool, mixed_precision: str, gradient_accumulation_ste
         gradient_accumulation_steps=gradient_accumulation_steps,
         step_scheduler_with_optimizer=False,
     )
+    if requested_engine() == "DEEPSPEED":
+        from .engines.deepspeed import make_accelerator
+
+        return make_accelerator(cpu, **kwargs)
     if requested_engine() == "FSDP" and (cpu or not torch.cuda.is_available()):
         from .engines.fsdp import cpu_accelerator
 
@@ -1780,6 +1789,26 @@ def _destroy_process_group_at_exit() -> None:
                 pass
 
     atexit.register(destroy)
+
+
+def _warn_if_restarts_cannot_reconnect() -> None:
+    """torchrun restarts (``--max_restarts N``) whose workers share the agent's rendezvous store.
+
+    That store keeps the first attempt's keys (a static rendezvous keeps one store for good),
+    so after a restart the workers read the dead attempt's addresses and gloo fails to connect
+    (PyTorch issue 135712). ``--rdzv_backend c10d`` with ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``
+    gives every attempt a store of its own (README, "Elastic restarts").
+    """
+    if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        if os.environ.get("RANK", "0") == "0":
+            warnings.warn(
+                "torchrun restarts are on (--max_restarts) but the workers share the launcher's rendezvous store, "
+                "which keeps the first attempt's keys: after a restart the processes would find the dead attempt's "
+                "addresses and fail to connect, so restarts will not reconnect. Launch with --rdzv_backend c10d and "
+                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1.",
+                UserWarning,
+                stacklevel=3,
+            )
 
 
 def _check_launch(accelerator: Any) -> None:

@@ -20,6 +20,8 @@ from typing import Any, NamedTuple, Sequence
 
 import torch
 
+from ..errors import CheckpointError
+
 #: the engines under which the trainer builds its own DDP wrappers (see ``ddp.plan_wrappers``)
 DDP_ENGINES = ("MULTI_GPU", "MULTI_CPU")
 FSDP = "FSDP"
@@ -98,6 +100,11 @@ class Engine:
     #: every forward pass is a collective (FSDP all-gathers sharded parameters), so all ranks
     #: must run the same number of them (see ``accel_trainer.lockstep``)
     forward_is_collective = False
+    #: the optimizer's real step happens inside ``accelerator.backward`` at a boundary (DeepSpeed),
+    #: so the warm-up must be applied around that backward, not around ``optimizer.step()``
+    step_inside_backward = False
+    #: a sharded checkpoint's payload sub-directory
+    payload_dir = "shards"
 
     def __init__(self, accelerator: Any) -> None:
         self.accelerator = accelerator
@@ -155,6 +162,24 @@ class Engine:
     def restore_payload(self, source: "PayloadSource", module: torch.nn.Module, wrapper: torch.nn.Module, optimizers: list) -> None:
         """Load what :meth:`save_payload` wrote, by any engine, into this run (every rank calls this)."""
         raise NotImplementedError
+
+    def state_shapes(self, module: torch.nn.Module, wrapper: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+        """Name -> global shape of every tensor of the module being trained (to check a checkpoint against)."""
+        from ..sharded_state import PREFIX, model_state
+
+        return {k[len(PREFIX):] if k.startswith(PREFIX) else k: tuple(v.shape) for k, v in model_state(wrapper).items()}
+
+
+def refuse_deepspeed_payload(source: "PayloadSource", engine_label: str) -> None:
+    """A ZeRO checkpoint holds the engine's own partitioned format: only DeepSpeed resumes it."""
+    meta = source.checkpoint.get("sharded") or {}
+    if meta.get("engine") == "DeepSpeed":
+        raise CheckpointError(
+            f"{source.path!r} was written by DeepSpeed ZeRO-{meta.get('zero_stage')} on {meta.get('world_size')} "
+            f"processes; {engine_label} cannot read ZeRO's partitioned optimizer state. Resume it under DeepSpeed "
+            f"with the same stage and number of processes, or export its weights (accel-trainer export {source.path} "
+            "weights.safetensors) and start a new run from them."
+        )
 
 
 @dataclass

@@ -24,7 +24,7 @@ import torch
 
 from .. import sharded_state
 from ..errors import CheckpointError, ConfigurationError
-from .base import DDP_ALTERNATIVE, Engine, PayloadSource, RunRequest
+from .base import DDP_ALTERNATIVE, Engine, PayloadSource, RunRequest, refuse_deepspeed_payload
 
 _GRADS_DIR = "rank_grads"
 #: where a sharded module remembers the wrapper it lives in (see FSDPEngine._unsharded_or_root)
@@ -257,6 +257,7 @@ class FSDPEngine(Engine):
         return meta
 
     def restore_payload(self, source: PayloadSource, module: torch.nn.Module, wrapper: torch.nn.Module, optimizers: list) -> None:
+        refuse_deepspeed_payload(source, "FSDP")
         if source.shards is not None:
             meta = source.checkpoint["sharded"]
             sharded_state.restore_payload(source.shards, meta, module, wrapper, optimizers)

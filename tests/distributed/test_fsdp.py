@@ -127,7 +127,7 @@ def test_resharding_two_ranks_to_one_and_one_to_two(tmp_path):
 
 
 def test_validate_and_test_under_fsdp2(tmp_path):
-    run_on_ranks(fsdp_jobs.evaluate_under_fsdp2, args=(str(tmp_path),))
+    run_on_ranks(fsdp_jobs.evaluate_under, args=(str(tmp_path), "fsdp2"))
     results = torch.load(tmp_path / "evaluate.pt", weights_only=False)
     assert results["engine"] == "FSDPEngine"
     assert results["validate"] == pytest.approx(results["expected"], abs=1e-6)
