@@ -357,7 +357,7 @@ class Trainer:
         _warn_if_restarts_cannot_reconnect()
         check_requested_engine(accelerator)
         if accelerator.num_processes > 1:
-            _destroy_process_group_at_exit()
+            _settle_collectives_at_exit()
         check_precision_device(accelerator)
         self._accelerator = accelerator
         self.gradient_accumulation_steps = accelerator.gradient_accumulation_steps
@@ -1768,27 +1768,38 @@ def _launched_world_size() -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _destroy_process_group_at_exit() -> None:
-    """Tear the process group down before the interpreter does (registered once per process).
+def _settle_collectives_at_exit() -> None:
+    """Let gloo's worker threads finish with the last collectives before the interpreter shuts down.
 
-    Left to interpreter shutdown, gloo's threads are destroyed in whatever order C++ static
-    destructors run, and now and then a rank aborts there ("terminate called without an
-    active exception", SIGABRT) after all its work is done -- the launcher then reports the
-    whole job as failed. Accelerate's examples call ``accelerator.end_training()`` for this;
-    a Trainer cannot know which of its calls is the last, so it does it at exit.
+    A gloo worker thread drops its reference to a finished collective a moment after the
+    caller's ``wait()`` returned; when that is the last reference, the work's destructor
+    releases the Python tensors it held, which needs the GIL. If the main thread has begun
+    interpreter shutdown by then (a process that exits right after its last collective, on a
+    loaded machine), the worker thread cannot take the GIL, Python ends the thread, and the
+    forced unwind through C++ aborts the process ("terminate called without an active
+    exception", SIGABRT: seen in a core dump, in ``AsyncAllgatherCoalescedWork``'s destructor
+    from ``ProcessGroupGloo::runLoop``) -- after all the work is done, yet the launcher reports
+    the job failed. The process group cannot simply be destroyed first: FSDP's device mesh and
+    the sharded parameters keep it alive. So at exit (registered once per process, when a
+    Trainer joins several processes) the main thread sleeps briefly without the GIL, which lets
+    those threads release their last references while Python still runs, then destroys the
+    process group, as Accelerate's ``end_training()`` does.
     """
     import atexit
 
-    def destroy() -> None:
+    def settle() -> None:
+        import time
+
         import torch.distributed as dist
 
+        time.sleep(0.25)
         if dist.is_available() and dist.is_initialized():
             try:
                 dist.destroy_process_group()
             except Exception:  # pragma: no cover - exiting anyway; never mask the run's own outcome
                 pass
 
-    atexit.register(destroy)
+    atexit.register(settle)
 
 
 def _warn_if_restarts_cannot_reconnect() -> None:
