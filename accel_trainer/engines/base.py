@@ -143,6 +143,16 @@ class Engine:
         """Load what :meth:`save_payload` wrote, by any engine, into this run (every rank calls this)."""
         raise NotImplementedError
 
+    def payload_file_owner(self, name: str, index: int, world_size: int) -> int:
+        """The rank that hashes payload file ``name`` (the ``index``-th, sorted) of a checkpoint directory.
+
+        Each file's checksum is recorded in the checkpoint (:mod:`accel_trainer.integrity`);
+        a rank hashing the files it wrote itself reads them from its own page cache. The
+        default spreads the files over the ranks; an engine whose file names carry the
+        writing rank says so here.
+        """
+        return index % world_size
+
 
 @dataclass
 class PayloadSource:
