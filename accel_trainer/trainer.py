@@ -75,7 +75,13 @@ from .module import TrainingModule
 from .preemption import Preempted, PreemptionPoll, PreemptionWatcher, exit_code_for
 from .progress import make_progress
 from . import run_status as run_records
-from .optim import OptimizationConfig, SchedulerConfig, parse_configure_optimizers, requires_closure
+from .optim import (
+    OptimizationConfig,
+    SchedulerConfig,
+    check_optimizers_against_module,
+    parse_configure_optimizers,
+    requires_closure,
+)
 from .scheduling import SchedulerRunner, StepTracker
 from .state import TrainingState
 
@@ -166,6 +172,16 @@ def _install_fast_step(optimizer: Any, accelerated_cls: type) -> None:
         return None
 
     optimizer.step = step
+
+
+class _ValidationInterrupted(Exception):
+    """A preemption signal (or a lost launcher) stopped fit's validation at a batch boundary.
+
+    Validation can take minutes; waiting for its end, then a training step and two saves,
+    can outlast a scheduler's grace period. So fit's validation checks the flag before each
+    batch and, when set on any rank, is abandoned: the preemption checkpoint is written as
+    if it had not started, and resuming runs it again.
+    """
 
 
 class _StepDispatcher(torch.nn.Module):
@@ -1096,8 +1112,11 @@ class Trainer:
 
     # -- validation -----------------------------------------------------------------------------
     def _run_validation(self) -> dict[str, float]:
-        results = self._evaluate("validate", self._val_loaders, self.limit_val_batches, log=True)
-        return results
+        try:
+            return self._evaluate("validate", self._val_loaders, self.limit_val_batches, log=True)
+        except _ValidationInterrupted:
+            self._preempt(self._progress_bar)  # writes last.ckpt and raises Preempted
+            raise  # pragma: no cover - _preempt always raises
 
     def _sanity_check(self) -> None:
         self.sanity_checking = True
@@ -1128,6 +1147,16 @@ class Trainer:
             targets, template_rank = lockstep_mod.agree_on_batch_counts([int(n) for n in limits], self.accelerator)
         several = len(loaders) > 1
         transfer = self._transfer
+        # A preemption signal during fit's validation stops it at the next batch (see _ValidationInterrupted).
+        interruptible = stage == "validate" and self.training
+        rng_at_start = ckpt_io.capture_rng_state() if interruptible else None
+        interrupted = False
+
+        def stop_now() -> bool:
+            if lockstep:  # every forward is a collective: the ranks must break at the same batch
+                return self._any_rank(self._preemption.requested)
+            return self._preemption.requested
+
         with torch.no_grad():
             for dl_idx, loader in enumerate(loaders):
                 metrics.dataloader_idx = dl_idx if several else None
@@ -1144,6 +1173,9 @@ class Trainer:
                 for batch_idx, batch in enumerate(batches):
                     if batch_idx >= n:
                         break
+                    if interruptible and stop_now():
+                        interrupted = True
+                        break
                     done = batch_idx + 1
                     if transfer is not None:
                         batch = transfer(batch, dl_idx)
@@ -1152,12 +1184,29 @@ class Trainer:
                     output = self._wrapped(step_name, batch, batch_idx, *extra)
                     metrics.log_returned(auto_name, output)
                     self._hooks(f"on_{kind}_batch_end", output, batch, batch_idx, *extra)
-                if lockstep:
+                if lockstep and not interrupted:
                     filler = lockstep_mod.empty_like(template)
                     if transfer is not None and filler is not None:
                         filler = transfer(filler, dl_idx)
-                    lockstep_mod.run_fillers(self._wrapped, step_name, filler, done, targets[dl_idx] - done, extra, metrics)
+                    interrupted = lockstep_mod.run_fillers(
+                        self._wrapped, step_name, filler, done, targets[dl_idx] - done, extra, metrics,
+                        stop=stop_now if interruptible else None,
+                    )
+                if interrupted:
+                    break
         metrics.dataloader_idx = None
+        if interruptible and self.accelerator.num_processes > 1 and not lockstep:
+            interrupted = self._any_rank(interrupted)  # a rank that was not signalled finished its shard meanwhile
+        if interrupted:
+            # Abandon this validation: no results, no callbacks; the checkpoint written next records
+            # that it did not run (validated_at unchanged), so a resume runs it again, from the RNG
+            # state it started from.
+            metrics.reset_stage(stage)
+            metrics.stage = previous_stage
+            for m, training in modes:
+                m.training = training
+            ckpt_io.restore_rng_state(rng_at_start)
+            raise _ValidationInterrupted()
         metrics.in_epoch_end = True
         try:
             self._hooks(f"on_{kind}_epoch_end")
@@ -1306,6 +1355,7 @@ class Trainer:
         """Combinations that only make sense once the module's optimizers are known."""
         automatic = getattr(module, "automatic_optimization", True)
         check_training_step_signature(module, len(config.optimizers), automatic)
+        check_optimizers_against_module(module, config)
         needs_closure = [i for i, o in enumerate(config.optimizers) if requires_closure(o)]
         if needs_closure and self.gradient_accumulation_steps > 1:
             raise ConfigurationError(
