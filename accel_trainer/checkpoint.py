@@ -465,7 +465,7 @@ def _refuse_nonfinite(path: str, bad: list[str], parts: CheckpointParts) -> None
     if not parts.accelerator.is_main_process:
         return
     state = parts.state
-    where = ", ".join(bad[:6]) + (f" and {len(bad) - 6} more" if len(bad) > 6 else "") if bad else "another rank's shards"
+    where = ", ".join(bad[:6]) + (f" and {len(bad) - 6} more" if len(bad) > 6 else "") if bad else "the weights of another rank"
     kept = "is kept" if exists(path) else "does not exist (nothing was replaced)"
     message = (
         f"accel_trainer: NOT writing checkpoint {path} at epoch {state.current_epoch}, global_step {state.global_step}: "
