@@ -152,6 +152,7 @@ def test_a_hung_rank_ends_the_job_within_the_collective_timeout(tmp_path):
     hung_at = time.monotonic()
     output, _ = job.communicate(timeout=180)
     elapsed = time.monotonic() - hung_at
+    print(f"a hung rank ended the job {elapsed:.1f} s after it hung (collective_timeout 5 s)")  # shown with -s
     assert job.returncode != 0, output[-3000:]
     bound = supervision_jobs.HANG_TIMEOUT_S
     assert elapsed < bound + 15, f"the job took {elapsed:.0f} s to end after rank 1 hung (timeout {bound} s)\n{output[-3000:]}"
