@@ -199,6 +199,11 @@ class PreemptionWatcher:
     def _stop_watchdog(self) -> None:
         thread, self._thread = self._thread, None
         self._stop.set()
+        if thread is not None and self._wakeup is not None:
+            try:
+                os.write(self._wakeup[1], b"\0")  # wake the thread from its select at once
+            except OSError:
+                pass
         if thread is not None:
             thread.join(timeout=2 * self.poll_s + 1)
         if self._wakeup is not None:

@@ -515,3 +515,27 @@ def test_a_run_removes_the_temporaries_a_killed_run_left(tmp_path, capsys):
     assert not (tmp_path / "run_status.json.tmp-4242").exists()
     assert (elsewhere / ".tmp-other-run.ckpt").exists()  # outside the run directory: maybe another run's
     assert "removed 3 temporary file(s) a killed run left" in capsys.readouterr().err
+
+
+def test_cli_weights_from_starts_a_new_run_from_the_weights_only(tmp_path, capsys):
+    from accel_trainer import cli
+
+    from test_run_records import _tiny
+
+    assert cli.main(_tiny(tmp_path)) == 0
+    source = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    trained = ckpt_io.load_checkpoint_file(str(source))
+    other = ["--trainer.default_root_dir", str(tmp_path / "new"), "--optimizer.class_path", "torch.optim.SGD",
+             "--optimizer.init_args.lr", "0.01"]
+    # as a resume, another optimizer is refused ...
+    assert cli.main([*_tiny(tmp_path), *other, "--ckpt_path", str(source)]) == 2
+    assert "optimizer 0 is a torch.optim.sgd.SGD but was a torch.optim.adam.Adam" in capsys.readouterr().err
+    # ... as weights only, it is a new run: fresh counters and optimizer, the trained weights
+    assert cli.main([*_tiny(tmp_path), *other, "--weights_from", str(source), "--trainer.max_epochs", "0"]) == 0
+    assert "Starting a new run from the weights of" in capsys.readouterr().err
+    assert cli.main([*_tiny(tmp_path), *other, "--weights_from", str(source), "--ckpt_path", str(source)]) == 2
+    assert "pick one" in capsys.readouterr().err
+    assert cli.main([*_tiny(tmp_path), *other, "--weights_from", str(source)]) == 0
+    new = ckpt_io.load_checkpoint_file(str(tmp_path / "new" / "checkpoints" / "last.ckpt"))
+    assert new["loops"]["global_step"] == 3 and new["optimizer_specs"][0]["class"] == "torch.optim.sgd.SGD"
+    assert new["run"]["id"] != trained["run"]["id"]
