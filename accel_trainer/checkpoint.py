@@ -429,10 +429,6 @@ def _payload_digests(directory: str, parts: CheckpointParts) -> dict[str, str]:
 
 
 # -- non-finite weights ----------------------------------------------------------------------------
-#: what wrappers insert into parameter names (FSDP1, activation checkpointing, torch.compile)
-_WRAPPER_PARTS = re.compile(r"(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)\.")
-
-
 def nonfinite_weights(wrapper: torch.nn.Module, accelerator: Any = None, module: torch.nn.Module | None = None) -> list[str] | None:
     """Names of the parameters and buffers holding a NaN or an infinity, or None when all are finite.
 
@@ -442,13 +438,13 @@ def nonfinite_weights(wrapper: torch.nn.Module, accelerator: Any = None, module:
     """
     own = {}
     if module is not None:  # the user's names for the tensors it shares with the wrapper
-        own = {id(t): n for n, t in itertools.chain(module.named_parameters(), module.named_buffers())}
+        own = {id(t): compatibility.clean_name(n) for n, t in itertools.chain(module.named_parameters(), module.named_buffers())}
     names, flags = [], []
     for name, tensor in itertools.chain(wrapper.named_parameters(), wrapper.named_buffers()):
         if not (tensor.is_floating_point() or tensor.is_complex()):
             continue
         local = tensor.to_local() if hasattr(tensor, "to_local") else tensor  # a DTensor's shard
-        names.append(own.get(id(tensor)) or _WRAPPER_PARTS.sub("", name))
+        names.append(own.get(id(tensor)) or compatibility.clean_name(name))
         flags.append(torch.isfinite(local.detach()).all())
     local_bad = [n for n, ok in zip(names, torch.stack(flags).tolist() if flags else []) if not ok]
     count = len(local_bad)

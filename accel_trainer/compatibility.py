@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from typing import Any, Iterable, Sequence
 
 from .errors import CheckpointError
@@ -98,6 +99,16 @@ def _way_out(path: str) -> str:
     )
 
 
+#: what wrappers insert into parameter names (FSDP1 wraps submodules in place, activation
+#: checkpointing, torch.compile): removed, so that names compare across engines
+_WRAPPER_PARTS = re.compile(r"(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)\.")
+
+
+def clean_name(name: str) -> str:
+    """A parameter's name as the unwrapped module calls it."""
+    return _WRAPPER_PARTS.sub("", name)
+
+
 def _qualname(obj: Any) -> str:
     cls = type(obj)
     return f"{cls.__module__}.{cls.__qualname__}"
@@ -116,7 +127,7 @@ def optimizer_specs(module: Any, optimizers: Sequence[Any]) -> list[dict[str, An
     """
     from .optim import unwrap_optimizer
 
-    names = {id(p): n for n, p in module.named_parameters()} if module is not None else {}
+    names = {id(p): clean_name(n) for n, p in module.named_parameters()} if module is not None else {}
     specs = []
     for opt in optimizers:
         raw = unwrap_optimizer(opt)
@@ -277,13 +288,15 @@ def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def _jsonable(value: Any) -> Any:
+    """Plain data as it is; any other object as its type (a repr may hold a memory address)."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
-    return repr(value)
+    cls = type(value)
+    return f"<{cls.__module__}.{cls.__qualname__}>"
 
 
 def _matches(key: str, patterns: Iterable[str]) -> bool:

@@ -1724,7 +1724,7 @@ class Trainer:
         args["mixed_precision"] = acc.mixed_precision
         identity = compatibility.run_identity(self.run_config, self._module, args)
         self._run_record = {
-            "id": uuid_hex(),
+            "id": _new_run_id(),
             "fingerprint": compatibility.fingerprint(identity),
             "identity": identity,
         }
@@ -1767,7 +1767,7 @@ class Trainer:
             lock.release()
 
 
-def uuid_hex() -> str:
+def _new_run_id() -> str:
     """A new run id: 12 hex digits."""
     import uuid
 
