@@ -122,18 +122,35 @@ def _short_class(name: str) -> str:
 def optimizer_specs(module: Any, optimizers: Sequence[Any]) -> list[dict[str, Any]]:
     """Per optimizer: its class and, per param group, the names of its parameters (in order).
 
-    A parameter the module does not name (an engine's flat buffer) is recorded as None, and
-    such a group is compared by its size only.
+    A parameter the module does not name (an engine's flat buffer) is recorded as None; such
+    a group is compared by nothing but its existence (its size depends on the engine).
     """
-    from .optim import unwrap_optimizer
-
     names = {id(p): clean_name(n) for n, p in module.named_parameters()} if module is not None else {}
     specs = []
     for opt in optimizers:
-        raw = unwrap_optimizer(opt)
+        raw = innermost_optimizer(opt)
         groups = [[names.get(id(p)) for p in g["params"]] for g in raw.param_groups]
         specs.append({"class": _qualname(raw), "groups": groups})
     return specs
+
+
+def innermost_optimizer(optimizer: Any) -> Any:
+    """The user's torch optimizer behind the wrappers an engine adds (Accelerate's, DeepSpeed's ...).
+
+    Follows ``.optimizer`` and keeps the deepest ``torch.optim.Optimizer`` found, so that the
+    class recorded is the same whichever engine saved or resumes.
+    """
+    import torch
+
+    from .optim import unwrap_optimizer
+
+    found, current, seen = None, optimizer, set()
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, torch.optim.Optimizer):
+            found = current
+        current = getattr(current, "optimizer", None)
+    return found if found is not None else unwrap_optimizer(optimizer)
 
 
 def scheduler_specs(schedulers: Sequence[Any]) -> list[dict[str, Any]]:
@@ -222,8 +239,8 @@ def _saved_optimizers(checkpoint: dict[str, Any]) -> list[dict[str, Any]]:
         return list(checkpoint["optimizer_specs"])
     if "sharded" in checkpoint:
         return [{"class": None, "groups": None} for _ in checkpoint["sharded"]["optimizer_has_state"]]
-    return [
-        {"class": None, "groups": [[None] * len(g["params"]) for g in state["param_groups"]]}
+    return [  # "?": a parameter of known position but unrecorded name
+        {"class": None, "groups": [["?"] * len(g["params"]) for g in state["param_groups"]]}
         for state in checkpoint["optimizer_states"]
     ]
 
@@ -252,9 +269,12 @@ def _group_problems(i: int, was: list | None, now: list) -> list[str]:
         return [f"optimizer {i} has {len(now)} param group(s), the checkpoint {len(was)}"]
     problems = []
     for g, (saved_names, names) in enumerate(zip(was, now)):
+        # None: an engine's flat buffer (FSDP1 without use_orig_params, DeepSpeed): sizes differ by engine
+        if None in saved_names or None in names:
+            continue
         if len(saved_names) != len(names):
             problems.append(f"optimizer {i} param group {g} holds {len(names)} parameter(s), the checkpoint {len(saved_names)}")
-        elif None not in saved_names and None not in names and list(saved_names) != list(names):
+        elif "?" not in saved_names and list(saved_names) != list(names):
             if sorted(saved_names) == sorted(names):
                 problems.append(f"optimizer {i} param group {g} holds its parameters in another order than the checkpoint")
             else:

@@ -23,9 +23,8 @@ import zipfile
 
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
-from accel_trainer import Callback, Trainer, TrainingModule
+from accel_trainer import Callback, Trainer
 from accel_trainer import checkpoint as ckpt_io
 from accel_trainer.callbacks import EarlyStopping, ModelCheckpoint
 from accel_trainer.errors import CheckpointError, ConfigurationError
@@ -35,7 +34,7 @@ from accel_trainer.run_status import read_run_status
 
 from helpers import Regressor, TwoPart, loader
 from test_faults import _start, _wait_for
-from test_resume import Everything, _loaders, _run, _snapshot
+from test_resume import Everything, _loaders, _run
 
 
 def _fit(root, module=None, ckpt_path=None, **kwargs):
@@ -251,6 +250,18 @@ def test_a_checkpoint_missing_a_section_is_named(tmp_path, section):
     torch.save(checkpoint, tmp_path / "edited.ckpt")
     with pytest.raises(CheckpointError, match=rf"is incomplete: it has no '{section}'"):
         _fit(tmp_path / "b", ckpt_path=str(tmp_path / "edited.ckpt"), max_epochs=2)
+
+
+def test_a_checkpoint_from_before_these_records_still_resumes(tmp_path):
+    _fit(tmp_path / "a", _Opt(_adam), max_epochs=1)
+    checkpoint = ckpt_io.load_checkpoint_file(str(tmp_path / "a" / "checkpoints" / "last.ckpt"))
+    for key in ("integrity", "optimizer_specs", "scheduler_specs", "run"):
+        del checkpoint[key]
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    trainer, _ = _fit(tmp_path / "b", _Opt(_adam), ckpt_path=str(tmp_path / "old.ckpt"), max_epochs=2)
+    assert trainer.global_step == 8
+    with pytest.raises(CheckpointError, match=r"optimizer 0 has 2 param group\(s\), the checkpoint 1"):
+        _fit(tmp_path / "c", _Opt(_two_groups), ckpt_path=str(tmp_path / "old.ckpt"), max_epochs=2)
 
 
 # -- 4. run identity and concurrency -----------------------------------------------------------------

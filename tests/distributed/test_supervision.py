@@ -11,7 +11,6 @@ import subprocess
 import time
 
 import pytest
-import torch
 
 from accel_trainer import checkpoint as ckpt_io
 from accel_trainer.run_dir import RunLock
