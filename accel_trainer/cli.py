@@ -298,7 +298,10 @@ def run(command: str, parser: Any, cfg: Any) -> Any:
             _say(trainer, f"Resuming from {last} (pass --resume false, or a new --trainer.default_root_dir, to start over).")
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         metrics = ", ".join(f"{k}={float(v):.4g}" for k, v in sorted(trainer.callback_metrics.items()) if _is_scalar(v))
-        _say(trainer, f"fit done on {trainer.world_size} process(es): epoch {trainer.current_epoch}, global_step {trainer.global_step}; {metrics}; run dir {root}")
+        from .engines import engine_for
+
+        engine = engine_for(trainer.accelerator).describe()
+        _say(trainer, f"fit done on {trainer.world_size} process(es) with {engine}: epoch {trainer.current_epoch}, global_step {trainer.global_step}; {metrics}; run dir {root}")
     else:
         _load_weights(trainer, module, cfg.ckpt_path)
         if trainer.is_global_zero:
@@ -404,7 +407,7 @@ def _export(cfg: Any) -> None:
     path, summary = export(cfg.checkpoint, cfg.out)
     print(
         f"{PROG} export: wrote {path}: {summary['tensors']} tensors, {summary['parameters']:,} parameters, "
-        f"{summary['bytes'] / 2**20:.1f} MiB (from a {summary['engine']} checkpoint at global_step "
+        f"{summary['bytes'] / 2**20:.1f} MiB (a checkpoint written by {summary['engine']} at global_step "
         f"{summary['global_step']}, epoch {summary['epoch']})"
     )
 

@@ -378,6 +378,8 @@ class Trainer:
         if collective_timeout is not None:
             _apply_collective_timeout(collective_timeout)
         check_requested_engine(accelerator)
+        if accelerator.num_processes > 1:
+            _destroy_process_group_at_exit()
         check_precision_device(accelerator)
         self._accelerator = accelerator
         self.gradient_accumulation_steps = accelerator.gradient_accumulation_steps
@@ -1965,6 +1967,30 @@ def _launched_world_size() -> int:
         return int(os.environ.get("WORLD_SIZE", "1") or 1)
     except ValueError:
         return 1
+
+
+@functools.lru_cache(maxsize=None)
+def _destroy_process_group_at_exit() -> None:
+    """Tear the process group down before the interpreter does (registered once per process).
+
+    Left to interpreter shutdown, gloo's threads are destroyed in whatever order C++ static
+    destructors run, and now and then a rank aborts there ("terminate called without an
+    active exception", SIGABRT) after all its work is done -- the launcher then reports the
+    whole job as failed. Accelerate's examples call ``accelerator.end_training()`` for this;
+    a Trainer cannot know which of its calls is the last, so it does it at exit.
+    """
+    import atexit
+
+    def destroy() -> None:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:  # pragma: no cover - exiting anyway; never mask the run's own outcome
+                pass
+
+    atexit.register(destroy)
 
 
 def _check_launch(accelerator: Any) -> None:

@@ -102,6 +102,19 @@ class Engine:
     def __init__(self, accelerator: Any) -> None:
         self.accelerator = accelerator
 
+    def describe(self) -> str:
+        """What trains, in words (for the command line's summary): "DDP over gloo on CPU" …"""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return f"a single process on {acc.device}"
+        backend = getattr(acc.state, "backend", None)
+        name = self.variant()
+        return f"{name} over {backend} on {acc.device.type.upper()}" if backend else name
+
+    def variant(self) -> str:
+        """The engine's name with its version or stage ("FSDP2", "DeepSpeed ZeRO-3"); default: ``label``."""
+        return self.label
+
     # -- before training ------------------------------------------------------------------------
     def check(self, request: RunRequest) -> None:
         """Raise ``ConfigurationError`` for what this engine cannot run; the default runs everything."""

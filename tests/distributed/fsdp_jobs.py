@@ -14,6 +14,8 @@ Cases:
     c: gradient accumulation (2) and bf16.
     d: one optimizer with a skipping ``optimizer_step`` override (carried gradients) and a
        warm-up -- what FSDP1 accepts of case b.
+    e: case b's two optimizers with the default ``optimizer_step`` (FSDP1 accepts several
+       optimizers only so).
 """
 
 from __future__ import annotations
@@ -77,6 +79,12 @@ class WideEveryOther(Wide):
             optimizer.zero_grad()
 
 
+class EverythingDefaultStep(Everything):
+    """Case b without the override: two optimizers each stepping every batch (what FSDP1 accepts)."""
+
+    optimizer_step = TrainingModule.optimizer_step
+
+
 def _wide_data(n: int = 96) -> TensorDataset:
     g = torch.Generator().manual_seed(3)
     x = torch.randn(n, 6, generator=g)
@@ -102,6 +110,8 @@ def case_setup(case: str) -> tuple[TrainingModule, DataLoader, DataLoader, dict]
             DataLoader(_wide_data(40), batch_size=8),
             {"gradient_accumulation_steps": 2, "mixed_precision": "bf16"},
         )
+    if case == "e":
+        return EverythingDefaultStep(), DataLoader(_everything_data(), batch_size=3, shuffle=True), DataLoader(_everything_data(), batch_size=10), {}
     if case == "d":
         return WideEveryOther(), DataLoader(_wide_data(), batch_size=6, shuffle=True), DataLoader(_wide_data(40), batch_size=8), {}
     raise ValueError(case)

@@ -50,8 +50,11 @@ def _assert_bitwise(a: dict, b: dict) -> None:
 # -- the engine really is FSDP, and equals DDP ---------------------------------------------------
 @pytest.mark.parametrize(
     "case, engine",
-    [("a", "fsdp1"), ("a", "fsdp2"), ("b", "fsdp2"), ("c", "fsdp1"), ("c", "fsdp2")],
-    ids=["one-optimizer-clip-fsdp1", "one-optimizer-clip-fsdp2", "gan-override-warmup-plateau-fsdp2", "accumulation-bf16-fsdp1", "accumulation-bf16-fsdp2"],
+    [("a", "fsdp1"), ("a", "fsdp2"), ("b", "fsdp2"), ("c", "fsdp1"), ("c", "fsdp2"), ("d", "fsdp1"), ("e", "fsdp1")],
+    ids=[
+        "one-optimizer-clip-fsdp1", "one-optimizer-clip-fsdp2", "gan-override-warmup-plateau-fsdp2",
+        "accumulation-bf16-fsdp1", "accumulation-bf16-fsdp2", "one-optimizer-override-warmup-fsdp1", "two-optimizers-fsdp1",
+    ],
 )
 def test_fsdp_equals_ddp(tmp_path_factory, case, engine):
     ddp = _full(tmp_path_factory, "ddp", case)
