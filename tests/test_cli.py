@@ -270,7 +270,7 @@ def test_python_dash_m_runs_the_cli_and_a_bad_config_exits_2_without_traceback(t
     )
     assert ok.returncode == 0, ok.stderr[-3000:]
     assert (tmp_path / "run" / "config.yaml").is_file()
-    assert "fit done on 1 process(es): epoch 1, global_step 3" in ok.stderr
+    assert "fit done on 1 process(es) with " in ok.stderr and ": epoch 1, global_step 3" in ok.stderr
 
     script = os.path.join(os.path.dirname(sys.executable), "accel-trainer")
     command = [script] if os.path.exists(script) else [sys.executable, "-m", "accel_trainer"]
