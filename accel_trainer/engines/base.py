@@ -169,6 +169,16 @@ class Engine:
 
         return {k[len(PREFIX):] if k.startswith(PREFIX) else k: tuple(v.shape) for k, v in model_state(wrapper).items()}
 
+    def payload_file_owner(self, name: str, index: int, world_size: int) -> int:
+        """The rank that hashes payload file ``name`` (the ``index``-th, sorted) of a checkpoint directory.
+
+        Each file's checksum is recorded in the checkpoint (:mod:`accel_trainer.integrity`);
+        a rank hashing the files it wrote itself reads them from its own page cache. The
+        default spreads the files over the ranks; an engine whose file names carry the
+        writing rank says so here.
+        """
+        return index % world_size
+
 
 def refuse_deepspeed_payload(source: "PayloadSource", engine_label: str) -> None:
     """A ZeRO checkpoint holds the engine's own partitioned format: only DeepSpeed resumes it."""

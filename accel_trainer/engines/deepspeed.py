@@ -118,7 +118,13 @@ def make_accelerator(cpu: bool, **accelerator_kwargs: Any) -> Any:
             "places the model on its own accelerator and cannot be kept on the CPU. Drop it to train with DeepSpeed on "
             "the GPUs, or launch without --use_deepspeed to train on the CPU."
         )
-    handlers = [] if gpu else [InitProcessGroupKwargs(backend="gloo")]
+    handlers = list(accelerator_kwargs.pop("kwargs_handlers", []))
+    if not gpu:
+        init = next((h for h in handlers if isinstance(h, InitProcessGroupKwargs)), None)
+        if init is None:
+            handlers.append(InitProcessGroupKwargs(backend="gloo"))
+        else:
+            init.backend = "gloo"  # keeps its timeout (Trainer(collective_timeout=...))
     # Without GPUs the CPU is where DeepSpeed runs anyway; ACCELERATE_USE_CPU (as set for CPU launches)
     # would make Accelerate drop DeepSpeed altogether, so it is not read here.
     saved = os.environ.pop("ACCELERATE_USE_CPU", None)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import re
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -265,6 +266,13 @@ class FSDPEngine(Engine):
                 self._restore_rank_grads(source, module)
             return
         self._restore_from_full(source, module, wrapper, optimizers)
+
+    def payload_file_owner(self, name: str, index: int, world_size: int) -> int:
+        """DCP's ``__<rank>_<n>.distcp`` and FSDP1's ``rank-<rank>.pt`` by their writer; ``.metadata`` by rank 0."""
+        found = re.search(r"(?:^|/)(?:__(\d+)_\d+\.distcp|rank-(\d+)\.pt)$", name)
+        if found:
+            return int(found.group(1) or found.group(2)) % world_size
+        return 0 if name.endswith(".metadata") else index % world_size
 
     def _restore_from_full(self, source: PayloadSource, module: torch.nn.Module, wrapper: torch.nn.Module, optimizers: list) -> None:
         """A single-file checkpoint (one process or DDP) put into shards."""

@@ -373,6 +373,9 @@ def kill_during_sharded_save(tmp_path: Any) -> None:
     assert final.returncode == 0, out[-3000:]
     resumed = torch.load(result, weights_only=False)
     assert resumed["global_step"] == 24 and resumed["epoch"] == 3
+    # the killed save's staging directory was removed when the next run started (issue 15)
+    assert not glob.glob(os.path.join(root, "checkpoints", ".tmp-*")), os.listdir(os.path.join(root, "checkpoints"))
+    assert "removed 1 temporary file(s) a killed run left" in out, out[-3000:]
 
 
 def _kill_tree(root: int) -> None:
