@@ -62,8 +62,8 @@ class StepTracker:
             if not hasattr(raw, "_optimizer_step_post_hooks"):
                 # DeepSpeed's optimizer wrapper: torch's step hooks are not set up on it, and its
                 # step() is a no-op marking the step the engine already took inside backward.
-                # Count that call unless the engine skipped the step (fp16 overflow). Warm-up
-                # needs the pre-hook at the real step: engines.py refuses it under DeepSpeed.
+                # Count that call unless the engine skipped the step (fp16 overflow). The warm-up
+                # is applied around the backward that takes the real step (warmup_applied).
                 self._handles.append(_CountingStep(raw, self._make_post_hook(i)))
                 continue
             self._handles.append(raw.register_step_pre_hook(self._make_pre_hook(i)))
