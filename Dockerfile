@@ -7,8 +7,11 @@
 #       --config configs/digits_gan.yaml --trainer.log_with wandb
 FROM pytorch/pytorch:2.7.1-cuda12.8-cudnn9-runtime
 
+# PET_SIGNALS_TO_HANDLE: torchrun forwards SIGUSR1 to the ranks too (a preemption signal),
+# instead of dying of it and leaving the ranks unsupervised.
 ENV PYTHONUNBUFFERED=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
 
 WORKDIR /workspace
 

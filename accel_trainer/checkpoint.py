@@ -16,6 +16,17 @@ renamed aside first and removed last (a crash between the two renames is repaire
 with ``torch.load(weights_only=True)`` (no arbitrary pickles), which is why RNG states and
 hyperparameters are stored as plain lists, numbers and strings.
 
+What else protects a run (README, "Checkpoints and resuming"):
+
+* a checkpoint is never written with non-finite weights: :func:`save` checks the model's
+  parameters and buffers first and, when any holds a NaN or an infinity, writes nothing,
+  keeps the previous checkpoint and says so (:func:`nonfinite_weights`);
+* every checkpoint records SHA-256 checksums of its sections and of its payload files,
+  verified on every load (:mod:`accel_trainer.integrity`);
+* before anything is restored, :func:`restore` checks that the checkpoint fits the run
+  (:mod:`accel_trainer.compatibility`): sections present, parameter names and shapes,
+  optimizer and scheduler classes, param groups, and the run's configuration.
+
 Nothing here reads a ``Trainer``: :class:`CheckpointParts` hands in what a checkpoint is
 made of, and the engine (:mod:`accel_trainer.engines`) saves and restores its own part.
 """
@@ -23,17 +34,22 @@ made of, and the engine (:mod:`accel_trainer.engines`) saves and restores its ow
 from __future__ import annotations
 
 import glob
+import itertools
 import os
 import random
+import re
 import shutil
+import sys
 import tempfile
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from . import compatibility, integrity
 from .errors import CheckpointError
 
 FORMAT = "accel_trainer/1"
@@ -184,29 +200,33 @@ def load_checkpoint_file(path: str) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # the unpickler can raise almost anything on arbitrary bytes
-        raise CheckpointError(f"Checkpoint {path!r} cannot be read: {_why_unreadable(err)}.") from err
+        raise CheckpointError(f"Checkpoint {path!r} cannot be read: {_why_unreadable(err, path)}.") from err
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
         found = checkpoint.get("format") if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise CheckpointError(f"{path!r} is not an accel_trainer checkpoint (expected format {FORMAT!r}, found {found!r}).")
+    integrity.verify_sections(checkpoint, path)
     return checkpoint
 
 
-def _why_unreadable(err: Exception) -> str:
+def _why_unreadable(err: Exception, path: str | None = None) -> str:
     """What a ``torch.load(weights_only=True)`` failure means for an accel_trainer checkpoint.
 
     torch's own message advises loading with ``weights_only=False``: wrong here, since every
     accel_trainer checkpoint loads with ``weights_only=True``, and unsafe for a file of unknown
-    origin. So only the useful part of it is kept.
+    origin. So only the useful part of it is kept. A file that is a plain ``pickle`` (not a
+    ``torch.save`` archive), or an archive torch cannot read, is looked into without running
+    it (:mod:`pickletools` lists what it would build) so that a foreign object is named.
     """
-    import re
-
     text = str(err)
     unsupported = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
     if unsupported:
+        return _foreign(unsupported.group(1))
+    foreign = _pickled_globals(path) if path is not None else None
+    if foreign is not None and foreign[1]:
+        return _foreign(", ".join(foreign[1]), foreign[0])
+    if foreign is not None and foreign[0] == "plain":
         return (
-            f"it holds a pickled {unsupported.group(1)} object, which an accel_trainer checkpoint never contains "
-            "(it holds only tensors, numbers, strings, lists and dicts): it was not written by "
-            "accel_trainer's Trainer.save_checkpoint, or it is corrupt"
+            "it is a plain Python pickle (written with pickle.dump, not torch.save), not an accel_trainer checkpoint"
         )
     if "zip archive" in text or "central directory" in text or isinstance(err, EOFError):
         return "it is truncated or corrupt (not a complete torch.save archive; was it copied or written only partly?)"
@@ -214,6 +234,67 @@ def _why_unreadable(err: Exception) -> str:
     first = (detail.group(1) if detail else text).strip().splitlines()
     reason = f"{type(err).__name__}: {first[0].strip()}" if first and first[0].strip() else type(err).__name__
     return f"it is truncated or corrupt ({reason})"
+
+
+_READABLE = {"_reconstruct": "numpy.ndarray", "scalar": "numpy scalar"}
+
+
+def _foreign(names: str, kind: str = "archive") -> str:
+    names = ", ".join(
+        _READABLE.get(n.rsplit(".", 1)[-1], n) if n.startswith("numpy") else n for n in names.split(", ")
+    )
+    where = "a plain Python pickle (written with pickle.dump, not torch.save) that holds" if kind == "plain" else "it holds"
+    plural = "objects" if "," in names else "object"
+    return (
+        f"{'it is ' if kind == 'plain' else ''}{where} a pickled {names} {plural}, which an accel_trainer checkpoint never "
+        "contains (it holds only tensors, numbers, strings, lists and dicts): it was not written by accel_trainer's "
+        "Trainer.save_checkpoint, or it is corrupt"
+    )
+
+
+#: the globals torch.save itself writes into an archive of tensors, lists and dicts
+_TORCH_GLOBALS = re.compile(r"^(torch\.|collections\.OrderedDict$|_codecs\.encode$|builtins\.(set|frozenset|complex|bytearray)$)")
+
+
+def _pickled_globals(path: str) -> tuple[str, list[str]] | None:
+    """The classes and functions a pickle names (without unpickling it), or None when it is no pickle.
+
+    Returns ``("plain", names)`` for a file that is itself a pickle, ``("archive", names)``
+    for a ``torch.save`` archive whose ``data.pkl`` names something torch does not write.
+    """
+    import pickletools
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                pkl = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
+                if pkl is None:
+                    return None
+                data, kind = archive.read(pkl), "archive"
+        else:
+            with open(path, "rb") as f:
+                data, kind = f.read(64 << 20), "plain"
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return None
+    names: list[str] = []
+    strings: list[str] = []
+    try:
+        for opcode, arg, _ in pickletools.genops(data):
+            if opcode.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
+                strings.append(str(arg))
+            elif opcode.name == "GLOBAL":
+                names.append(str(arg).replace(" ", "."))
+            elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                names.append(f"{strings[-2]}.{strings[-1]}")
+            elif opcode.name == "STOP":
+                break
+    except Exception:  # not a pickle, or cut short: nothing to name
+        return None
+    foreign = sorted({n for n in names if not _TORCH_GLOBALS.match(n)})
+    if foreign:
+        return kind, foreign
+    return (kind, []) if kind == "plain" else None
 
 
 # -- what a checkpoint holds ------------------------------------------------------------------
@@ -260,6 +341,8 @@ class CheckpointParts:
         callback_metrics: the latest reduced metrics (restored so monitors see them again).
         train_loader: the prepared training dataloader (its sampler position and batch size).
         epoch_start: RNG/sampler state captured when the current epoch began (None at a boundary).
+        run: this run's record -- ``{"id", "fingerprint", "identity"}`` (see
+            :mod:`accel_trainer.compatibility`) -- written into checkpoints and compared on resume.
     """
 
     accelerator: Any
@@ -273,31 +356,125 @@ class CheckpointParts:
     callback_metrics: dict = field(default_factory=dict)
     train_loader: Any = None
     epoch_start: dict[str, Any] | None = None
+    run: dict[str, Any] | None = None
 
 
-def save(path: str, parts: CheckpointParts, on_save: Callable[[dict[str, Any]], None] | None = None) -> None:
+def save(path: str, parts: CheckpointParts, on_save: Callable[[dict[str, Any]], None] | None = None) -> bool:
     """Write a checkpoint of ``parts`` to ``path`` (every rank calls this; it returns on every rank
     once the checkpoint is complete). ``on_save(checkpoint)`` may add entries before it is written.
+
+    Returns False, having written nothing, when the model's weights are not finite (NaN or
+    infinite values in a parameter or buffer): the previous checkpoint at ``path``, if any,
+    is kept, and the main process says so on stderr and with a warning.
     """
     accelerator, engine = parts.accelerator, parts.engine
+    bad = nonfinite_weights(parts.wrapper, accelerator, parts.module)
+    if bad is not None:
+        _refuse_nonfinite(path, bad, parts)
+        return False
     checkpoint = _trainer_state(parts)
     if not engine.sharded_checkpoints:
         checkpoint.update(engine.save_payload(None, parts.module, parts.wrapper, parts.optimizers))
         if on_save is not None:
             on_save(checkpoint)
         if accelerator.is_main_process:
+            integrity.record(checkpoint)
             atomic_save(checkpoint, path)
         accelerator.wait_for_everyone()
-        return
+        return True
     if on_save is not None:
         on_save(checkpoint)
     staging = _agreed_staging_directory(path, accelerator)
-    checkpoint["sharded"] = engine.save_payload(os.path.join(staging, SHARDS_DIR), parts.module, parts.wrapper, parts.optimizers)
+    meta = engine.save_payload(os.path.join(staging, engine.payload_dir), parts.module, parts.wrapper, parts.optimizers)
+    checkpoint["sharded"] = {"payload_dir": engine.payload_dir, **meta}
     accelerator.wait_for_everyone()  # every rank's shards are on disk
+    files = _payload_digests(staging, parts)  # each rank hashes the files it wrote
     if accelerator.is_main_process:
+        integrity.record(checkpoint, files)
         atomic_save(checkpoint, os.path.join(staging, STATE_FILE))
         publish(staging, path)
     accelerator.wait_for_everyone()
+    return True
+
+
+def _payload_files(directory: str) -> list[str]:
+    """Every file of a checkpoint directory but its state file, as sorted relative paths."""
+    found = []
+    for root, _, names in os.walk(directory):
+        for name in names:
+            rel = os.path.relpath(os.path.join(root, name), directory)
+            if rel != STATE_FILE:
+                found.append(rel.replace(os.sep, "/"))
+    return sorted(found)
+
+
+def _payload_digests(directory: str, parts: CheckpointParts) -> dict[str, str]:
+    """SHA-256 of every payload file of a sharded checkpoint, each hashed by the rank that wrote it
+    (``Engine.payload_file_owner``), gathered on every rank (a collective)."""
+    accelerator, engine = parts.accelerator, parts.engine
+    rank, world = accelerator.process_index, accelerator.num_processes
+    files = _payload_files(directory)
+    mine = {
+        name: integrity.file_digest(os.path.join(directory, name))
+        for index, name in enumerate(files)
+        if engine.payload_file_owner(name, index, world) == rank
+    }
+    if world == 1:
+        return mine
+    from accelerate.utils import gather_object
+
+    merged: dict[str, str] = {}
+    for part in gather_object([mine]):
+        merged.update(part)
+    return merged
+
+
+# -- non-finite weights ----------------------------------------------------------------------------
+def nonfinite_weights(wrapper: torch.nn.Module, accelerator: Any = None, module: torch.nn.Module | None = None) -> list[str] | None:
+    """Names of the parameters and buffers holding a NaN or an infinity, or None when all are finite.
+
+    Every rank calls this (one small collective on several processes): each checks the
+    tensors it holds (its shards under FSDP), and the answer is agreed, so every rank takes
+    the same decision. The names are this rank's (empty when only another rank's shards are bad).
+    """
+    own = {}
+    if module is not None:  # the user's names for the tensors it shares with the wrapper
+        own = {id(t): compatibility.clean_name(n) for n, t in itertools.chain(module.named_parameters(), module.named_buffers())}
+    names, flags = [], []
+    for name, tensor in itertools.chain(wrapper.named_parameters(), wrapper.named_buffers()):
+        if not (tensor.is_floating_point() or tensor.is_complex()):
+            continue
+        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor  # a DTensor's shard
+        names.append(own.get(id(tensor)) or compatibility.clean_name(name))
+        flags.append(torch.isfinite(local.detach()).all())
+    local_bad = [n for n, ok in zip(names, torch.stack(flags).tolist() if flags else []) if not ok]
+    count = len(local_bad)
+    if accelerator is not None and accelerator.num_processes > 1:
+        import torch.distributed as dist
+
+        total = torch.tensor([float(count)], device=accelerator.device)
+        dist.all_reduce(total, op=dist.ReduceOp.MAX)
+        count = int(total.item())
+    return local_bad if count else None
+
+
+def _refuse_nonfinite(path: str, bad: list[str], parts: CheckpointParts) -> None:
+    if not parts.accelerator.is_main_process:
+        return
+    state = parts.state
+    where = ", ".join(bad[:6]) + (f" and {len(bad) - 6} more" if len(bad) > 6 else "") if bad else "the weights of another rank"
+    kept = "is kept" if exists(path) else "does not exist (nothing was replaced)"
+    message = (
+        f"accel_trainer: NOT writing checkpoint {path} at epoch {state.current_epoch}, global_step {state.global_step}: "
+        f"the model's weights are not finite (NaN or inf in {where}). The previous checkpoint at that path {kept}. "
+        "The run has diverged: lower the learning rate, clip gradients (gradient_clip_val), or pass "
+        "Trainer(on_nonfinite_loss='skip'), then resume from the last good checkpoint."
+    )
+    try:
+        print(message, file=sys.stderr, flush=True)
+    except OSError:  # a closed stderr (the launcher is gone) must not turn this into a crash
+        pass
+    warnings.warn(message, UserWarning, stacklevel=3)
 
 
 def _agreed_staging_directory(path: str, accelerator: Any) -> str:
@@ -333,15 +510,29 @@ def _trainer_state(parts: CheckpointParts) -> dict[str, Any]:
         "callbacks": {cb.state_key: plain(cb.state_dict()) for cb in parts.callbacks},
         "callback_metrics": {k: float(v) for k, v in parts.callback_metrics.items()},
         "hparams": plain(dict(getattr(parts.module, "hparams", {}) or {})),
+        # what the checkpoint was taken of, compared before a resume restores anything
+        "optimizer_specs": compatibility.optimizer_specs(parts.module, parts.optimizers),
+        "scheduler_specs": compatibility.scheduler_specs(parts.schedulers),
     }
+    if parts.run is not None:
+        checkpoint["run"] = plain(parts.run)
     scaler = getattr(accelerator, "scaler", None)
     if scaler is not None:
         checkpoint["scaler"] = scaler.state_dict()
     return checkpoint
 
 
-def read(path: str) -> Any:
-    """The checkpoint at ``path`` (either layout) as a :class:`~accel_trainer.engines.PayloadSource`."""
+def read(path: str, accelerator: Any = None) -> Any:
+    """The checkpoint at ``path`` (either layout) as a :class:`~accel_trainer.engines.PayloadSource`, verified.
+
+    The state (the file, or a sharded checkpoint's state file) is checked against its
+    recorded checksums, and so is every payload file of a sharded checkpoint: by this process
+    alone, or -- when every rank of ``accelerator`` calls this (a collective) -- shared out
+    over the ranks, every rank then raising the same error.
+
+    Raises:
+        CheckpointError: naming the file that is missing, unreadable or damaged.
+    """
     from .engines import PayloadSource
 
     if os.path.isdir(path):
@@ -354,60 +545,63 @@ def read(path: str) -> Any:
         checkpoint = load_checkpoint_file(state_file)
         if "sharded" not in checkpoint:
             raise CheckpointError(f"{state_file!r} has no description of its shards: the checkpoint is incomplete.")
-        return PayloadSource(path, checkpoint, shards=os.path.join(path, SHARDS_DIR))
+        _verify_payload_files(path, checkpoint, accelerator)
+        payload = os.path.basename(str(checkpoint["sharded"].get("payload_dir", SHARDS_DIR)))
+        return PayloadSource(path, checkpoint, shards=os.path.join(path, payload))
     return PayloadSource(path, load_checkpoint_file(path))
 
 
-def saved_shapes(checkpoint: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every tensor of the saved module (either layout)."""
-    if "sharded" in checkpoint:
-        return {k: tuple(v) for k, v in checkpoint["sharded"]["state_shapes"].items()}
-    return {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items()}
+def _verify_payload_files(path: str, checkpoint: dict[str, Any], accelerator: Any) -> None:
+    files = (checkpoint.get(integrity.KEY) or {}).get("files") or {}
+    if not files:
+        return  # written before payload checksums existed
+    names = sorted(files)
+    world = accelerator.num_processes if accelerator is not None else 1
+    if world == 1:
+        integrity.raise_for_files(path, integrity.verify_files(path, files))
+        return
+    from accelerate.utils import gather_object
+
+    rank = accelerator.process_index
+    mine = integrity.verify_files(path, files, [n for i, n in enumerate(names) if i % world == rank])
+    problems = [p for part in gather_object([mine]) for p in part]
+    integrity.raise_for_files(path, problems)
 
 
-def check_compatible(checkpoint: dict[str, Any], current_shapes: dict[str, tuple[int, ...]], module_name: str, num_optimizers: int, num_schedulers: int, path: str) -> None:
-    """Name what differs between a checkpoint and the run about to load it."""
-    saved = saved_shapes(checkpoint)
-    missing = sorted(set(current_shapes) - set(saved))
-    unexpected = sorted(set(saved) - set(current_shapes))
-    mismatched = sorted(k for k in set(saved) & set(current_shapes) if tuple(saved[k]) != tuple(current_shapes[k]))
-    problems = []
-    if missing:
-        problems.append(f"parameters missing from the checkpoint: {missing[:10]}")
-    if unexpected:
-        problems.append(f"parameters in the checkpoint the module does not have: {unexpected[:10]}")
-    if mismatched:
-        shapes = [f"{k}: saved {tuple(saved[k])} vs module {tuple(current_shapes[k])}" for k in mismatched[:10]]
-        problems.append(f"shape mismatches: {shapes}")
-    n_opt = len(checkpoint["sharded"]["optimizer_has_state"]) if "sharded" in checkpoint else len(checkpoint["optimizer_states"])
-    if n_opt != num_optimizers:
-        problems.append(f"the checkpoint has {n_opt} optimizer(s), configure_optimizers returned {num_optimizers}")
-    n_sched = len(checkpoint["lr_schedulers"])
-    if n_sched != num_schedulers:
-        problems.append(f"the checkpoint has {n_sched} scheduler(s), configure_optimizers returned {num_schedulers}")
-    if problems:
-        raise CheckpointError(f"Checkpoint {path!r} does not fit {module_name}: " + "; ".join(problems) + ".")
+# What fit()'s resume compares, kept importable from here.
+saved_shapes = compatibility.saved_shapes
 
 
-def current_shapes(wrapper: torch.nn.Module) -> dict[str, tuple[int, ...]]:
-    """Name -> global shape of every tensor of the module being trained (any engine)."""
-    from .sharded_state import PREFIX, model_state
-
-    return {k[len(PREFIX):] if k.startswith(PREFIX) else k: tuple(v.shape) for k, v in model_state(wrapper).items()}
-
-
-def restore(path: str, parts: CheckpointParts, on_load: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any] | None:
+def restore(
+    path: str,
+    parts: CheckpointParts,
+    on_load: Callable[[dict[str, Any]], None] | None = None,
+    implicit: bool = False,
+) -> dict[str, Any] | None:
     """Load ``path`` (either layout, written by any engine) into ``parts`` (every rank calls this).
+
+    Nothing is restored before the checkpoint is verified (:mod:`accel_trainer.integrity`)
+    and found to fit the run (:func:`accel_trainer.compatibility.check_fits`; with
+    ``parts.run``, also :func:`~accel_trainer.compatibility.compare_runs`, strictly when
+    ``implicit``, i.e. resuming ``ckpt_path="last"``).
 
     Returns what a mid-epoch resume still needs (the RNG at the save and at the epoch's
     start), or None when the checkpoint was taken at an epoch boundary.
     """
     accelerator, state, loader = parts.accelerator, parts.state, parts.train_loader
-    source = read(path)
+    source = read(path, accelerator)
     checkpoint = source.checkpoint
-    check_compatible(
-        checkpoint, current_shapes(parts.wrapper), type(parts.module).__name__, len(parts.optimizers), len(parts.schedulers), path
+    compatibility.check_fits(
+        checkpoint,
+        path,
+        module_name=type(parts.module).__name__,
+        shapes=parts.engine.state_shapes(parts.module, parts.wrapper),
+        optimizers=compatibility.optimizer_specs(parts.module, parts.optimizers),
+        schedulers=compatibility.scheduler_specs(parts.schedulers),
     )
+    for message in compatibility.compare_runs(checkpoint.get("run"), parts.run, path, implicit):
+        if accelerator.is_main_process:
+            warnings.warn(message, UserWarning, stacklevel=3)
     parts.engine.restore_payload(source, parts.module, parts.wrapper, parts.optimizers)
     for scheduler, sched_state in zip(parts.schedulers, checkpoint["lr_schedulers"]):
         scheduler.load_state_dict(sched_state)
@@ -442,10 +636,15 @@ def load_weights(path: str) -> dict[str, torch.Tensor]:
 
     A sharded checkpoint is reassembled in this process's memory, so call it on one process.
     """
+    from .sharded_state import PREFIX, read_full_state
+
     source = read(path)
     if source.shards is None:
         return source.checkpoint["state_dict"]
-    from .sharded_state import PREFIX, read_full_state
+    if source.checkpoint["sharded"].get("engine") == "DeepSpeed":
+        from .engines.deepspeed import consolidated_weights
 
-    model = read_full_state(source.shards, prefixes=["model."])["model"]
+        model = consolidated_weights(source.shards)
+    else:
+        model = read_full_state(source.shards, prefixes=["model."])["model"]
     return {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in model.items()}

@@ -22,6 +22,7 @@ A config has these top-level keys (any value can be overridden with a dotted key
                     monitor: val_loss, strict: true, name: null, warmup_steps: null}  # optional
     ckpt_path:     null     # fit: resume from this checkpoint (default: run_dir/checkpoints/last.ckpt if it exists)
     resume:        true     # fit: false to ignore an existing last.ckpt
+    weights_from:  null     # fit: start a new run from this checkpoint's module weights only
 
 What the command does, in order (every process of a launch does the same):
 
@@ -212,6 +213,9 @@ def _run_parser(name: str, description: str, module_required: bool = True) -> An
     if name == "fit":
         parser.add_argument("--resume", type=bool, default=True,
                             help="resume from {default_root_dir}/checkpoints/last.ckpt when it exists and no ckpt_path is given")
+        parser.add_argument("--weights_from", type=Optional[str], default=None,
+                            help="start a new run from the module weights of this checkpoint (either layout); optimizers, "
+                                 "schedulers and counters start fresh (for a checkpoint that does not fit as a resume)")
     return parser
 
 
@@ -281,12 +285,23 @@ def run(command: str, parser: Any, cfg: Any) -> Any:
     if command == "fit":
         ckpt_path = cfg.ckpt_path
         last = last_checkpoint(root)
-        if ckpt_path is None and cfg.resume and last is not None:
+        weights_from = cfg.weights_from
+        if weights_from is not None:
+            if ckpt_path is not None:
+                raise CLIError(
+                    f"--weights_from {weights_from} and --ckpt_path {ckpt_path}: pick one (weights_from starts a new run "
+                    "from a checkpoint's weights; ckpt_path resumes a run from it)."
+                )
+            _load_weights(trainer, module, weights_from, what="a new run from the weights of")
+        elif ckpt_path is None and cfg.resume and last is not None:
             ckpt_path = "last"
             _say(trainer, f"Resuming from {last} (pass --resume false, or a new --trainer.default_root_dir, to start over).")
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         metrics = ", ".join(f"{k}={float(v):.4g}" for k, v in sorted(trainer.callback_metrics.items()) if _is_scalar(v))
-        _say(trainer, f"fit done on {trainer.world_size} process(es): epoch {trainer.current_epoch}, global_step {trainer.global_step}; {metrics}; run dir {root}")
+        from .engines import engine_for
+
+        engine = f" with {engine_for(trainer.accelerator).describe()}" if trainer.world_size > 1 else ""
+        _say(trainer, f"fit done on {trainer.world_size} process(es){engine}: epoch {trainer.current_epoch}, global_step {trainer.global_step}; {metrics}; run dir {root}")
     else:
         _load_weights(trainer, module, cfg.ckpt_path)
         if trainer.is_global_zero:
@@ -351,7 +366,7 @@ def attach_optimizers(module: TrainingModule, optimizer: Any, lr_scheduler: dict
     module.configure_optimizers = types.MethodType(configure_optimizers, module)
 
 
-def _load_weights(trainer: Trainer, module: TrainingModule, ckpt_path: str | None) -> None:
+def _load_weights(trainer: Trainer, module: TrainingModule, ckpt_path: str | None, what: str = "weights from") -> None:
     """validate/test: weights from ``ckpt_path``, else the run's ``last.ckpt``, else as built."""
     from .checkpoint import load_weights
 
@@ -372,7 +387,7 @@ def _load_weights(trainer: Trainer, module: TrainingModule, ckpt_path: str | Non
         module.load_state_dict(state)
     except RuntimeError as err:
         raise CLIError(f"ckpt_path={path!r} does not fit {type(module).__name__}: {err}") from None
-    _say(trainer, f"Loaded weights from {path}.")
+    _say(trainer, f"Loaded weights from {path}." if what == "weights from" else f"Starting {what} {path} (optimizers, schedulers and counters start fresh).")
 
 
 def _apply_sweep_run_dir(cfg: Any) -> None:
@@ -392,7 +407,7 @@ def _export(cfg: Any) -> None:
     path, summary = export(cfg.checkpoint, cfg.out)
     print(
         f"{PROG} export: wrote {path}: {summary['tensors']} tensors, {summary['parameters']:,} parameters, "
-        f"{summary['bytes'] / 2**20:.1f} MiB (from a {summary['engine']} checkpoint at global_step "
+        f"{summary['bytes'] / 2**20:.1f} MiB (a checkpoint written by {summary['engine']} at global_step "
         f"{summary['global_step']}, epoch {summary['epoch']})"
     )
 

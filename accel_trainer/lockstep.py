@@ -63,16 +63,23 @@ def share_template(batch: Any, source: int, accelerator: Any) -> Any:
     return holder[0]
 
 
-def run_fillers(forward: Any, step_name: str, template: Any, first_index: int, count: int, extra: tuple, metrics: Any) -> None:
-    """``count`` filler passes of ``step_name`` on the empty ``template`` (logging discarded)."""
+def run_fillers(forward: Any, step_name: str, template: Any, first_index: int, count: int, extra: tuple, metrics: Any, stop: Any = None) -> bool:
+    """``count`` filler passes of ``step_name`` on the empty ``template`` (logging discarded).
+
+    ``stop`` (a collective, called before each pass on every rank) ends them early: returns
+    True when it did.
+    """
     if count <= 0:
-        return
+        return False
     empty = empty_like(template)
     metrics.discarding = True
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # losses of empty batches warn (mean of nothing)
             for k in range(count):
+                if stop is not None and stop():
+                    return True
                 forward(step_name, empty, first_index + k, *extra)
     finally:
         metrics.discarding = False
+    return False

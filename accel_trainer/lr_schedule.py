@@ -23,10 +23,8 @@ calls it, :func:`plot_lr_schedule` and :func:`write_lr_schedule_csv`.
 
 from __future__ import annotations
 
-import bisect
 import copy
 import csv
-import itertools
 import math
 import os
 import warnings
@@ -38,6 +36,7 @@ import torch
 
 from .errors import ConfigurationError
 from .optim import OptimizationConfig, parse_configure_optimizers, unwrap_optimizer
+from .plan import OptimizerCycle, is_accumulation_boundary, warmup_per_optimizer
 from .scheduling import SchedulerRunner, StepTracker
 from .state import TrainingState
 
@@ -407,10 +406,7 @@ class _Simulation:
         trainer.optimizers, trainer.lr_schedulers = list(config.optimizers), list(config.schedulers)
         self.metrics = trainer.callback_metrics
         self._plateau_metric = plateau_metric
-        warmup: list[int | None] = [None] * n_opt
-        for cfg in config.schedulers:
-            if cfg.warmup_steps:
-                warmup[cfg.opt_idx] = cfg.warmup_steps
+        warmup = warmup_per_optimizer(config.schedulers, n_opt)
         self.skipped = [
             f"scheduler {i} ({type(cfg.scheduler).__name__} of optimizer {cfg.opt_idx}, monitor {cfg.monitor!r}): "
             "no plateau_metric given, so it never reduces the learning rate here"
@@ -432,7 +428,7 @@ class _Simulation:
             opt.step = self._fake_step(i, opt)
         # The trainer's warm-up and step counting, as hooks that the fake step calls like a real one.
         self.tracker = StepTracker(self.optimizers, self.state, warmup)
-        self.frequency_cumsum = list(itertools.accumulate(config.frequencies)) if config.frequencies else None
+        self.cycle = OptimizerCycle(n_opt, config.frequencies)
         self.names = _lr_names(config)
 
     def _fake_step(self, i: int, opt: torch.optim.Optimizer) -> Callable:
@@ -450,11 +446,6 @@ class _Simulation:
         step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
         return step
 
-    def _due(self, global_step: int) -> Any:
-        if self.frequency_cumsum is None:
-            return range(len(self.optimizers))
-        return (bisect.bisect_right(self.frequency_cumsum, global_step % self.frequency_cumsum[-1]),)
-
     def run(self, result: LRSchedule, steps: int, batches_per_epoch: int | None, accumulate: int) -> None:
         state = self.state
         for names in self.names:
@@ -467,10 +458,7 @@ class _Simulation:
         while state.global_step < steps:
             batch_idx = 0
             while state.global_step < steps and (batches_per_epoch is None or batch_idx < batches_per_epoch):
-                is_boundary = (batch_idx + 1) % accumulate == 0 or (
-                    batches_per_epoch is not None and batch_idx + 1 >= batches_per_epoch
-                )
-                if is_boundary:
+                if is_accumulation_boundary(batch_idx, accumulate, batches_per_epoch):
                     self._boundary(result, batch_idx, closure)
                     state.global_step += 1
                 batch_idx += 1
@@ -488,7 +476,7 @@ class _Simulation:
     def _boundary(self, result: LRSchedule, batch_idx: int, closure: Callable) -> None:
         state = self.state
         stepped: dict[int, list[float]] = {}
-        for i in self._due(state.global_step):
+        for i in self.cycle.due(state.global_step):
             before = state.optimizer_steps[i]
             self._step_lrs[i] = None
             self.module.optimizer_step(state.current_epoch, batch_idx, self.optimizers[i], i, closure)

@@ -89,6 +89,14 @@ def unwrap_optimizer(optimizer: Any) -> Any:
     return optimizer
 
 
+def innermost_optimizer(optimizer: Any) -> Any:
+    """The user's torch optimizer behind every wrapper: Accelerate's, and DeepSpeed's ZeRO optimizer
+    (which keeps the user's optimizer as ``.optimizer`` and has no ``defaults`` of its own)."""
+    while hasattr(optimizer, "optimizer") and not (isinstance(optimizer, torch.optim.Optimizer) and "defaults" in vars(optimizer)):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
 def is_plateau_scheduler(scheduler: Any) -> bool:
     return isinstance(unwrap_scheduler(scheduler), ReduceLROnPlateau)
 
@@ -143,6 +151,27 @@ def _closure_is_required(step: Any) -> bool:
     return param is not None and param.default is inspect.Parameter.empty
 
 
+def is_torch_scheduler(scheduler: Any) -> bool:
+    """A torch ``LRScheduler`` or ``ReduceLROnPlateau`` (whose ``step`` the default ``lr_scheduler_step`` calls right)."""
+    from torch.optim.lr_scheduler import LRScheduler
+
+    return isinstance(unwrap_scheduler(scheduler), (LRScheduler, ReduceLROnPlateau))
+
+
+def default_step_fits(scheduler: Any, monitored: bool) -> bool:
+    """Whether ``TrainingModule.lr_scheduler_step``'s default call -- ``step()``, or ``step(metric)``
+    for a monitored scheduler -- fits the scheduler's ``step`` signature."""
+    try:
+        signature = inspect.signature(unwrap_scheduler(scheduler).step)
+    except (TypeError, ValueError):
+        return True  # cannot tell: let it run
+    try:
+        signature.bind(0.0) if monitored else signature.bind()
+    except TypeError:
+        return False
+    return True
+
+
 def _is_optimizer(obj: Any) -> bool:
     return isinstance(obj, torch.optim.Optimizer)
 
@@ -186,6 +215,12 @@ def parse_configure_optimizers(result: Any) -> OptimizationConfig:
             )
         if len(items) == 2 and all(isinstance(x, (list, tuple)) for x in items):
             opts, scheds = items
+            if not opts:
+                raise ConfigurationError(
+                    f"configure_optimizers returned two lists `[optimizers], [schedulers]` without any optimizer "
+                    f"(received [[], {list(scheds)!r:.60}]): nothing would be trained, silently. Return the optimizers "
+                    "in the first list, or None for a run without optimizer (forward passes only, with a warning)."
+                )
             for i, opt in enumerate(opts):
                 if not _is_optimizer(opt):
                     raise ConfigurationError(
@@ -230,6 +265,16 @@ def parse_configure_optimizers(result: Any) -> OptimizationConfig:
         freq_list = [int(f) for f in given]
 
     schedulers = [_parse_scheduler(entry, default_monitor, optimizers, i) for i, (entry, default_monitor) in enumerate(raw_schedulers)]
+    seen_schedulers: dict[int, int] = {}
+    for i, cfg in enumerate(schedulers):
+        key = id(unwrap_scheduler(cfg.scheduler))
+        if key in seen_schedulers:
+            raise ConfigurationError(
+                f"configure_optimizers returned the same scheduler object ({type(cfg.scheduler).__name__}) as schedulers "
+                f"{seen_schedulers[key]} and {i}: it would step twice each time it is due (a StepLR(gamma=0.5) would halve "
+                "the learning rate twice). List each scheduler once; for two schedules, build two scheduler objects."
+            )
+        seen_schedulers[key] = i
     warmed: dict[int, int] = {}
     for i, cfg in enumerate(schedulers):
         if cfg.warmup_steps is not None:
@@ -302,9 +347,17 @@ def _parse_scheduler(entry: Any, default_monitor: str | None, optimizers: list, 
         explicit_monitor = default_monitor is not None
 
     sched = cfg.scheduler
-    if isinstance(sched, dict) or _is_optimizer(sched) or not hasattr(sched, "step"):
+    if isinstance(sched, dict) or _is_optimizer(sched) or not callable(getattr(sched, "step", None)):
         raise ConfigurationError(
             f"{where}: 'scheduler' must be a learning-rate scheduler (an object with .step()), received {_describe(sched)}."
+        )
+    missing = [m for m in ("state_dict", "load_state_dict") if not callable(getattr(sched, m, None))]
+    if missing:
+        raise ConfigurationError(
+            f"{where}: {type(sched).__name__} has no {' / '.join(m + '()' for m in missing)}, so it cannot be saved in a "
+            "checkpoint nor restored on resume (the first checkpoint, at the end of the first epoch, would fail). A "
+            "scheduler needs step(), state_dict() and load_state_dict(), as torch's LRScheduler has (Lightning's "
+            "rule for custom schedulers); subclass torch.optim.lr_scheduler.LRScheduler, or add the two methods."
         )
     if cfg.interval not in INTERVALS:
         raise ConfigurationError(f"{where}: 'interval' must be one of {list(INTERVALS)}, received {cfg.interval!r}.")
@@ -344,3 +397,59 @@ def _parse_scheduler(entry: Any, default_monitor: str | None, optimizers: list, 
             "scheduler on one of the returned optimizers."
         )
     return cfg
+
+
+def check_optimizers_against_module(module: torch.nn.Module, config: OptimizationConfig) -> None:
+    """What ``configure_optimizers`` returned, checked against the module it trains (at the start of ``fit``).
+
+    Raises:
+        ConfigurationError: an optimizer holds a parameter that is not the module's (it would
+            not be moved to the device, synchronised across processes nor saved in
+            checkpoints); a custom scheduler whose ``step`` the default ``lr_scheduler_step``
+            cannot call (``step()``, or ``step(metric)`` when monitored) and the module does
+            not override ``lr_scheduler_step`` (Lightning's rule for duck-typed schedulers).
+
+    Warns:
+        UserWarning: an optimizer all of whose parameters are frozen (``requires_grad=False``):
+            it never changes anything.
+    """
+    own = {id(p) for p in module.parameters()}
+    name = type(module).__name__
+    for i, opt in enumerate(config.optimizers):
+        params = [p for g in opt.param_groups for p in g["params"]]
+        foreign = [p for p in params if id(p) not in own]
+        if foreign:
+            shapes = [tuple(p.shape) for p in foreign[:5]]
+            raise ConfigurationError(
+                f"Optimizer {i} ({type(opt).__name__}) holds {len(foreign)} parameter(s) that are not parameters of "
+                f"{name} (shapes {shapes}{' ...' if len(foreign) > 5 else ''}): they would not be moved to the device, "
+                "kept in sync across processes, nor saved in checkpoints. Register them on the module (e.g. "
+                "self.temperature = torch.nn.Parameter(...) in __init__) and build the optimizer on self.parameters(), "
+                "or leave them out of the optimizer."
+            )
+        if params and not any(p.requires_grad for p in params):
+            warnings.warn(
+                f"Optimizer {i} ({type(opt).__name__}) holds only frozen parameters ({len(params)}, all "
+                "requires_grad=False): it will never change them. Unfreeze them, or leave this optimizer out.",
+                UserWarning,
+                stacklevel=3,
+            )
+    overridden = type(module).lr_scheduler_step is not _default_lr_scheduler_step()
+    for i, cfg in enumerate(config.schedulers):
+        if overridden or is_torch_scheduler(cfg.scheduler):
+            continue
+        monitored = cfg.monitor is not None
+        if not default_step_fits(cfg.scheduler, monitored):
+            call = "step(metric)" if monitored else "step()"
+            raise ConfigurationError(
+                f"scheduler {i}: {type(cfg.scheduler).__name__} is not a torch LRScheduler, and its step cannot be "
+                f"called as {call}, which the default lr_scheduler_step does. Override "
+                f"{name}.lr_scheduler_step(self, scheduler, metric) to step it (e.g. scheduler.step(epoch=self.current_epoch)), "
+                "as Lightning requires for custom schedulers."
+            )
+
+
+def _default_lr_scheduler_step() -> Any:
+    from .module import TrainingModule
+
+    return TrainingModule.lr_scheduler_step

@@ -52,6 +52,7 @@ class StepTracker:
 
     def __init__(self, optimizers: list, state: "TrainingState", warmup_steps: list[int | None]) -> None:
         self._state = state
+        self._optimizers = list(optimizers)
         self._paused = False
         self._warmup = list(warmup_steps)
         self._saved_lrs: list[list[float] | None] = [None] * len(optimizers)
@@ -61,8 +62,8 @@ class StepTracker:
             if not hasattr(raw, "_optimizer_step_post_hooks"):
                 # DeepSpeed's optimizer wrapper: torch's step hooks are not set up on it, and its
                 # step() is a no-op marking the step the engine already took inside backward.
-                # Count that call unless the engine skipped the step (fp16 overflow). Warm-up
-                # needs the pre-hook at the real step: engines.py refuses it under DeepSpeed.
+                # Count that call unless the engine skipped the step (fp16 overflow). The warm-up
+                # is applied around the backward that takes the real step (warmup_applied).
                 self._handles.append(_CountingStep(raw, self._make_post_hook(i)))
                 continue
             if self._warmup[i]:  # the pre-hook only applies a warm-up: none, no hook to call
@@ -94,6 +95,29 @@ class StepTracker:
             self._state.optimizer_steps[i] += 1
 
         return post_hook
+
+    @contextlib.contextmanager
+    def warmup_applied(self, i: int) -> Iterator[None]:
+        """Optimizer ``i``'s warm-up factor on its learning rates for the duration of the block.
+
+        For engines that take the real optimizer step inside backward (DeepSpeed): the
+        pre-hook would fire only at the wrapper's no-op ``step()``, after the real one. The
+        factor is that of the next real step (``optimizer_steps[i]`` is not yet advanced), and
+        the scheduler's own learning rates are restored afterwards, as the post-hook does.
+        """
+        factor = warmup_factor(self._state.optimizer_steps[i], self._warmup[i])
+        if factor == 1.0:
+            yield
+            return
+        groups = unwrap_optimizer(self._optimizers[i]).param_groups
+        saved = [g["lr"] for g in groups]
+        for g in groups:
+            g["lr"] = _scale(g["lr"], factor)
+        try:
+            yield
+        finally:
+            for g, lr in zip(groups, saved):
+                g["lr"] = lr
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:

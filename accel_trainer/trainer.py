@@ -78,7 +78,14 @@ from .nonfinite import NonFiniteGuard
 from .preemption import Preempted, PreemptionPoll, PreemptionWatcher, exit_code_for
 from .progress import make_progress
 from . import run_status as run_records
-from .optim import OptimizationConfig, SchedulerConfig, mark_requires_closure, parse_configure_optimizers, requires_closure
+from .optim import (
+    OptimizationConfig,
+    SchedulerConfig,
+    check_optimizers_against_module,
+    mark_requires_closure,
+    parse_configure_optimizers,
+    requires_closure,
+)
 from .scheduling import SchedulerRunner, StepTracker
 from .state import TrainingState
 from .toggle import OptimizerToggle
@@ -170,6 +177,16 @@ def _install_fast_step(optimizer: Any, accelerated_cls: type) -> None:
         return None
 
     optimizer.step = step
+
+
+class _ValidationInterrupted(Exception):
+    """A preemption signal (or a lost launcher) stopped fit's validation at a batch boundary.
+
+    Validation can take minutes; waiting for its end, then a training step and two saves,
+    can outlast a scheduler's grace period. So fit's validation checks the flag before each
+    batch and, when set on any rank, is abandoned: the preemption checkpoint is written as
+    if it had not started, and resuming runs it again.
+    """
 
 
 class _StepDispatcher(torch.nn.Module):
@@ -304,6 +321,9 @@ class Trainer:
         enable_progress_bar: show a progress bar on the main process.
         on_nonfinite_loss: "raise" (default) or "skip" the optimizer step of that loss.
         check_rank_sync_every_n_steps: how often ranks compare counters and LRs (None: every epoch).
+        collective_timeout: seconds a collective (all-reduce, barrier ...) may wait for the other
+            ranks before it fails, ending the job (None: torch's default, 30 minutes for gloo, 10
+            for NCCL). Bounds how long a rank that hangs or died unnoticed can stall the others.
         accelerator: an existing ``accelerate.Accelerator``, used as given.
 
     Raises:
@@ -346,6 +366,7 @@ class Trainer:
         enable_progress_bar: bool = True,
         on_nonfinite_loss: str = "raise",
         check_rank_sync_every_n_steps: int | None = None,
+        collective_timeout: float | None = None,
         accelerator: Any = None,
     ) -> None:
         _validate_trainer_args(locals())
@@ -372,15 +393,21 @@ class Trainer:
 
         if seed is not None:
             _seed_everything(seed)
+        self.collective_timeout = collective_timeout
         if accelerator is None:
-            accelerator = _make_accelerator(cpu, mixed_precision, gradient_accumulation_steps)
+            accelerator = _make_accelerator(cpu, mixed_precision, gradient_accumulation_steps, collective_timeout)
         elif gradient_accumulation_steps not in (1, accelerator.gradient_accumulation_steps):
             raise ConfigurationError(
                 f"Trainer(gradient_accumulation_steps={gradient_accumulation_steps}) conflicts with the given "
                 f"accelerator's gradient_accumulation_steps={accelerator.gradient_accumulation_steps}. Set it on one of them."
             )
         _check_launch(accelerator)
+        _warn_if_restarts_cannot_reconnect()
+        if collective_timeout is not None:
+            _apply_collective_timeout(collective_timeout)
         check_requested_engine(accelerator)
+        if accelerator.num_processes > 1:
+            _settle_collectives_at_exit()
         check_precision_device(accelerator)
         self._accelerator = accelerator
         self.gradient_accumulation_steps = accelerator.gradient_accumulation_steps
@@ -403,6 +430,9 @@ class Trainer:
         self._progress_bar: Any = None
         self._train_loader: Any = None
         self._train_loader_raw: Any = None
+        #: this fit's run record (id, configuration fingerprint), written into its checkpoints
+        self._run_record: dict[str, Any] | None = None
+        self._run_lock: Any = None
 
     # -- facts ----------------------------------------------------------------------------------
     @property
@@ -592,6 +622,8 @@ class Trainer:
         """
         self._attach(module, "fit", datamodule)
         try:
+            # First: one live run per run directory, and no temporaries of a killed one left.
+            self._claim_run_directory()
             train_loaders = data_utils.resolve(train_dataloaders, datamodule, module, "train_dataloader")
             if not train_loaders:
                 raise ConfigurationError(
@@ -657,11 +689,13 @@ class Trainer:
             self._hooks("on_fit_end")
             self._end_run_status("finished", stop_reason="nothing left to do" if nothing_to_do else self._stop_reason())
         except Preempted as preempted:
+            written = {"checkpoint": preempted.checkpoint_path} if preempted.checkpoint_path else {}
             self._end_run_status(
-                "preempted", checkpoint=preempted.checkpoint_path, signal=preempted.signal_name, exit_code=preempted.code
+                "preempted", signal=preempted.signal_name, reason=self._preemption.cause, exit_code=preempted.code, **written
             )
             raise
         except BaseException as exc:
+            _explain_collective_timeout(exc, self)
             self._end_run_status("failed", error=run_records.describe_error(exc))
             self._hooks.callbacks_only("on_exception", exc)
             raise
@@ -669,6 +703,7 @@ class Trainer:
             self._preemption.uninstall()
             self.training = False
             self._teardown("fit", datamodule)
+            self._release_run_directory()
 
     def _fit_loop(self) -> None:
         while not self._done():
@@ -880,18 +915,19 @@ class Trainer:
         if progress is not None:
             progress.close()
         path = os.path.join(self.checkpoint_dir, ckpt_io.LAST_NAME)
-        if save:
-            self.save_checkpoint(path)
+        written = self.save_checkpoint(path) if save else True
         signal_name = self._preemption.signal_name
         if self.is_global_zero:
-            what = "Ctrl-C" if signal_name == "SIGINT" else f"{signal_name or 'preemption signal'} received"
-            print(
-                f"accel_trainer: {what}; checkpoint written to {path} at global_step {self.global_step}. Exiting with "
-                f"code {exit_code_for(signal_name)}; run the same command again (ckpt_path='last') to resume.",
-                file=sys.stderr,
-                flush=True,
+            cause = self._preemption.cause or f"{signal_name or 'preemption signal'} received"
+            if written:
+                outcome = f"checkpoint written to {path} at global_step {self.global_step}"
+            else:
+                outcome = f"no checkpoint written (the weights are not finite); {path} is the previous one, if any"
+            _say_safely(
+                f"accel_trainer: {cause}; {outcome}. Exiting with code {exit_code_for(signal_name)}; run the same "
+                "command again (ckpt_path='last') to resume."
             )
-        raise Preempted(path, signal_name)
+        raise Preempted(path if written else None, signal_name)
 
     def _should_stop_now(self, is_boundary: bool) -> bool:
         """``should_stop`` agreed by all ranks; on several ranks checked at logging boundaries only."""
@@ -1077,6 +1113,10 @@ class Trainer:
             self.accelerator.backward(loss, **self._guard.backward_kwargs(loss))
         elif self._direct_backward:
             loss.backward()
+        elif self._engine.step_inside_backward and self.accelerator.sync_gradients and self._automatic:
+            # DeepSpeed takes the optimizer step inside this backward: the warm-up goes around it
+            with self._step_tracker.warmup_applied(opt_idx):
+                self.accelerator.backward(loss)
         else:
             self.accelerator.backward(loss)
         if self._on_after_backward is not None:
@@ -1153,8 +1193,11 @@ class Trainer:
     # -- validation -----------------------------------------------------------------------------
     def _run_validation(self) -> dict[str, float]:
         self._settle_nonfinite()
-        results = self._evaluate("validate", self._val_loaders, self.limit_val_batches, log=True)
-        return results
+        try:
+            return self._evaluate("validate", self._val_loaders, self.limit_val_batches, log=True)
+        except _ValidationInterrupted:
+            self._preempt(self._progress_bar)  # writes last.ckpt and raises Preempted
+            raise  # pragma: no cover - _preempt always raises
 
     def _sanity_check(self) -> None:
         self.sanity_checking = True
@@ -1185,6 +1228,16 @@ class Trainer:
             targets, template_rank = lockstep_mod.agree_on_batch_counts([int(n) for n in limits], self.accelerator)
         several = len(loaders) > 1
         transfer = self._transfer
+        # A preemption signal during fit's validation stops it at the next batch (see _ValidationInterrupted).
+        interruptible = stage == "validate" and self.training
+        rng_at_start = ckpt_io.capture_rng_state() if interruptible else None
+        interrupted = False
+
+        def stop_now() -> bool:
+            if lockstep:  # every forward is a collective: the ranks must break at the same batch
+                return self._any_rank(self._preemption.requested)
+            return self._preemption.requested
+
         with torch.no_grad():
             for dl_idx, loader in enumerate(loaders):
                 metrics.dataloader_idx = dl_idx if several else None
@@ -1201,6 +1254,9 @@ class Trainer:
                 for batch_idx, batch in enumerate(batches):
                     if batch_idx >= n:
                         break
+                    if interruptible and stop_now():
+                        interrupted = True
+                        break
                     done = batch_idx + 1
                     if transfer is not None:
                         batch = transfer(batch, dl_idx)
@@ -1210,12 +1266,29 @@ class Trainer:
                     metrics.log_returned(auto_name, output)
                     self._hooks(f"on_{kind}_batch_end", output, batch, batch_idx, *extra)
                     metrics.flush()
-                if lockstep:
+                if lockstep and not interrupted:
                     filler = lockstep_mod.empty_like(template)
                     if transfer is not None and filler is not None:
                         filler = transfer(filler, dl_idx)
-                    lockstep_mod.run_fillers(self._wrapped, step_name, filler, done, targets[dl_idx] - done, extra, metrics)
+                    interrupted = lockstep_mod.run_fillers(
+                        self._wrapped, step_name, filler, done, targets[dl_idx] - done, extra, metrics,
+                        stop=stop_now if interruptible else None,
+                    )
+                if interrupted:
+                    break
         metrics.dataloader_idx = None
+        if interruptible and self.accelerator.num_processes > 1 and not lockstep:
+            interrupted = self._any_rank(interrupted)  # a rank that was not signalled finished its shard meanwhile
+        if interrupted:
+            # Abandon this validation: no results, no callbacks; the checkpoint written next records
+            # that it did not run (validated_at unchanged), so a resume runs it again, from the RNG
+            # state it started from.
+            metrics.reset_stage(stage)
+            metrics.stage = previous_stage
+            for m, training in modes:
+                m.training = training
+            ckpt_io.restore_rng_state(rng_at_start)
+            raise _ValidationInterrupted()
         metrics.in_epoch_end = True
         try:
             self._hooks(f"on_{kind}_epoch_end")
@@ -1302,7 +1375,7 @@ class Trainer:
         self._run_started = False
         self._csv_tracker: CSVTracker | None = None
         self._resume: dict[str, Any] | None = None
-        self._preemption = PreemptionWatcher()
+        self._preemption = PreemptionWatcher(announce=self.accelerator.is_main_process)
         self._preempt_agreed = False
         self._preemption_poll = PreemptionPoll()
         self._one_process = self.accelerator.num_processes == 1  # asked on every step
@@ -1372,6 +1445,7 @@ class Trainer:
         """Combinations that only make sense once the module's optimizers are known."""
         automatic = getattr(module, "automatic_optimization", True)
         check_training_step_signature(module, len(config.optimizers), automatic)
+        check_optimizers_against_module(module, config)
         needs_closure = [i for i, o in enumerate(config.optimizers) if requires_closure(o)]
         if needs_closure and self.gradient_accumulation_steps > 1:
             raise ConfigurationError(
@@ -1591,6 +1665,7 @@ class Trainer:
     def _status_fields(self) -> dict[str, Any]:
         return {
             "command": "fit",
+            "run_id": (self._run_record or {}).get("id"),
             "step": self.state.global_step,
             "epoch": self.state.current_epoch,
             "checkpoint": run_records.last_checkpoint(os.path.abspath(self.default_root_dir)),
@@ -1689,16 +1764,20 @@ class Trainer:
         assert_ranks_in_sync(self)
 
     # -- checkpoints ------------------------------------------------------------------------------
-    def save_checkpoint(self, path: str | os.PathLike) -> None:
+    def save_checkpoint(self, path: str | os.PathLike) -> bool:
         """Write a full checkpoint (atomically) to ``path``; every rank must call this.
 
         Under FSDP ``path`` becomes a directory every rank writes its shards into (see the
         README's "Checkpoints and resuming"); otherwise it is one file.
+
+        Returns False, writing nothing, when the model's weights are not finite (a NaN or an
+        infinity in a parameter or buffer): whatever ``path`` held is kept, and a warning
+        says so. A checkpoint is never written with non-finite weights.
         """
         self._settle_nonfinite()  # a bad step still being checked raises before it is saved
         tracker = getattr(self, "_step_tracker", None)
         with tracker.paused() if tracker is not None else contextlib.nullcontext():
-            ckpt_io.save(os.fspath(path), self._checkpoint_parts(), lambda c: self._hooks("on_save_checkpoint", c))
+            return ckpt_io.save(os.fspath(path), self._checkpoint_parts(), lambda c: self._hooks("on_save_checkpoint", c))
 
     def _checkpoint_parts(self) -> ckpt_io.CheckpointParts:
         return ckpt_io.CheckpointParts(
@@ -1713,14 +1792,16 @@ class Trainer:
             callback_metrics=self._metrics.callback_metrics,
             train_loader=getattr(self, "_train_loader", None),
             epoch_start=self._epoch_start,
+            run=self._run_record,
         )
 
-    def _save_last(self) -> None:
-        self.save_checkpoint(os.path.join(self.checkpoint_dir, ckpt_io.LAST_NAME))
+    def _save_last(self) -> bool:
+        return self.save_checkpoint(os.path.join(self.checkpoint_dir, ckpt_io.LAST_NAME))
 
     def _restore(self, ckpt_path: str | os.PathLike) -> None:
         path = os.fspath(ckpt_path)
-        if path == "last":
+        implicit = path == "last"
+        if implicit:
             path = os.path.join(self.checkpoint_dir, ckpt_io.LAST_NAME)
             if self.accelerator.is_main_process:
                 ckpt_io.resolve(path)  # repairs a directory publish a crash interrupted
@@ -1729,7 +1810,109 @@ class Trainer:
                 if self.is_global_zero:  # once, not once per rank
                     warnings.warn(f"ckpt_path='last' but {path} does not exist yet: starting from scratch.", UserWarning)
                 return
-        self._resume = ckpt_io.restore(path, self._checkpoint_parts(), lambda c: self._hooks("on_load_checkpoint", c))
+        own = self._is_own_checkpoint(ckpt_path)
+
+        def on_load(checkpoint: dict[str, Any]) -> None:
+            saved = checkpoint.get("run") or {}
+            if own and saved.get("id"):
+                self._run_record["id"] = saved["id"]  # the same run continues
+            elif saved.get("id"):
+                self._run_record["resumed_from_run"] = saved["id"]
+            self._hooks("on_load_checkpoint", checkpoint)
+
+        self._resume = ckpt_io.restore(path, self._checkpoint_parts(), on_load, implicit=implicit)
+
+    # -- the run directory --------------------------------------------------------------------------
+    def _claim_run_directory(self) -> None:
+        """Lock the run directory (main process), agreed by every rank; then clean a killed run's litter.
+
+        Also starts this run's record (id and configuration fingerprint, written into every
+        checkpoint) and tells the preemption watcher which ranks share this host.
+
+        Raises:
+            RunDirectoryLocked: on every rank, when another live run holds the directory.
+        """
+        import socket
+
+        from . import compatibility
+        from .run_dir import RunDirectoryLocked, RunLock, clean_stale_temporaries, describe_stale
+
+        acc = self.accelerator
+        args = {name: getattr(self, name, None) for name in compatibility.TRAINER_FIELDS}
+        args["mixed_precision"] = acc.mixed_precision
+        identity = compatibility.run_identity(self.run_config, self._module, args)
+        self._run_record = {
+            "id": _new_run_id(),
+            "fingerprint": compatibility.fingerprint(identity),
+            "identity": identity,
+        }
+        lock, error = None, None
+        if acc.is_main_process:
+            lock = RunLock(self.default_root_dir, {"run_id": self._run_record["id"]})
+            try:
+                lock.acquire()
+            except RunDirectoryLocked as err:
+                error = str(err)
+            except OSError as err:
+                error = f"Cannot lock the run directory {self.default_root_dir!r}: {err}."
+        mine = (socket.gethostname(), os.getpid(), error)
+        everyone = self._gather_from_ranks([mine]) if acc.num_processes > 1 else [mine]
+        if everyone[0][2]:
+            raise RunDirectoryLocked(everyone[0][2])
+        self._run_lock = lock
+        rank = acc.process_index
+        self._preemption.rank = rank
+        self._preemption.siblings = [(r, pid) for r, (host, pid, _) in enumerate(everyone) if host == mine[0] and r != rank]
+        if lock is not None:
+            note = describe_stale(lock)
+            dirs = [self.checkpoint_dir] + [cb.dirpath for cb in self.checkpoint_callbacks if cb.dirpath]
+            removed = clean_stale_temporaries(self.default_root_dir, dirs)
+            if removed:
+                names = ", ".join(os.path.relpath(p, self.default_root_dir) for p in removed[:5])
+                more = f" and {len(removed) - 5} more" if len(removed) > 5 else ""
+                note = (note + "\n" if note else "") + (
+                    f"accel_trainer: removed {len(removed)} temporary file(s) a killed run left in "
+                    f"{self.default_root_dir}: {names}{more}."
+                )
+            if note:
+                _say_safely(note)
+        if acc.num_processes > 1:
+            acc.wait_for_everyone()  # the clean-up is done before any rank reads a checkpoint
+
+    def _release_run_directory(self) -> None:
+        lock, self._run_lock = getattr(self, "_run_lock", None), None
+        if lock is not None:
+            lock.release()
+
+
+def _new_run_id() -> str:
+    """A new run id: 12 hex digits."""
+    import uuid
+
+    return uuid.uuid4().hex[:12]
+
+
+def _say_safely(message: str) -> None:
+    """One line on stderr; a closed stderr (the launcher is gone) must not turn it into a crash."""
+    try:
+        print(message, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
+def _explain_collective_timeout(exc: BaseException, trainer: "Trainer") -> None:
+    """One line saying what a collective that timed out means (the exception itself is torch's)."""
+    text = str(exc)
+    if not isinstance(exc, RuntimeError) or not ("Timed out" in text or "timed out" in text or "Timeout" in text):
+        return
+    if trainer.accelerator.num_processes < 2:
+        return
+    bound = trainer.collective_timeout
+    setting = f"collective_timeout={bound:g} s" if bound else "torch's default timeout (collective_timeout=None)"
+    _say_safely(
+        f"accel_trainer: rank {trainer.accelerator.process_index}: a collective timed out after {setting}: another "
+        "rank did not reach it (it hangs, or died without the launcher noticing). Its traceback, if any, says where."
+    )
 
 
 def _validate_trainer_args(args: dict[str, Any]) -> None:
@@ -1777,6 +1960,9 @@ def _validate_trainer_args(args: dict[str, Any]) -> None:
     n = args["check_rank_sync_every_n_steps"]
     if n is not None and not (is_int(n) and n >= 1):
         fail("check_rank_sync_every_n_steps", "expected None (once per epoch) or an int >= 1")
+    timeout = args["collective_timeout"]
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0 or timeout == math.inf):
+        fail("collective_timeout", "expected None (torch's default) or a number of seconds > 0")
     if args["seed"] is not None and not is_int(args["seed"]):
         fail("seed", "expected None or an int")
     callbacks = args["callbacks"]
@@ -1915,7 +2101,7 @@ def _seed_everything(seed: int) -> None:
     set_seed(seed)
 
 
-def _make_accelerator(cpu: bool, mixed_precision: str, gradient_accumulation_steps: int) -> Any:
+def _make_accelerator(cpu: bool, mixed_precision: str, gradient_accumulation_steps: int, collective_timeout: float | None = None) -> Any:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 
@@ -1928,11 +2114,23 @@ def _make_accelerator(cpu: bool, mixed_precision: str, gradient_accumulation_ste
         # A multi-process launch on a machine without GPUs: join the job over gloo on CPU
         # instead of letting every process train its own world-size-1 copy.
         cpu = True
-    kwargs = dict(
+    kwargs: dict[str, Any] = dict(
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=gradient_accumulation_steps,
         step_scheduler_with_optimizer=False,
     )
+    if collective_timeout is not None:
+        from datetime import timedelta
+
+        from accelerate.utils import InitProcessGroupKwargs
+
+        # a process group created by this Accelerator starts with the bound (an existing one
+        # gets it from _apply_collective_timeout)
+        kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(timeout=timedelta(seconds=collective_timeout))]
+    if requested_engine() == "DEEPSPEED":
+        from .engines.deepspeed import make_accelerator
+
+        return make_accelerator(cpu, **kwargs)
     if requested_engine() == "FSDP" and (cpu or not torch.cuda.is_available()):
         from .engines.fsdp import cpu_accelerator
 
@@ -1940,11 +2138,91 @@ def _make_accelerator(cpu: bool, mixed_precision: str, gradient_accumulation_ste
     return Accelerator(cpu=cpu, **kwargs)
 
 
+def _apply_collective_timeout(seconds: float) -> None:
+    """Bound every collective of the default process group by ``seconds`` (gloo and NCCL alike).
+
+    Also when the group existed before this Trainer (an earlier Trainer in the process, or an
+    ``accelerator=`` passed in), whose timeout ``InitProcessGroupKwargs`` can no longer set.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    from datetime import timedelta
+
+    from torch.distributed import distributed_c10d
+
+    setter = getattr(distributed_c10d, "_set_pg_timeout", None)
+    if setter is None:  # pragma: no cover - a torch without it
+        warnings.warn(
+            "Trainer(collective_timeout=...) could not be applied to the existing process group (this torch has no "
+            "_set_pg_timeout); create the Accelerator with InitProcessGroupKwargs(timeout=...) instead.",
+            UserWarning,
+        )
+        return
+    setter(timedelta(seconds=seconds))
+
+
 def _launched_world_size() -> int:
     try:
         return int(os.environ.get("WORLD_SIZE", "1") or 1)
     except ValueError:
         return 1
+
+
+@functools.lru_cache(maxsize=None)
+def _settle_collectives_at_exit() -> None:
+    """Let gloo's worker threads finish with the last collectives before the interpreter shuts down.
+
+    A gloo worker thread drops its reference to a finished collective a moment after the
+    caller's ``wait()`` returned; when that is the last reference, the work's destructor
+    releases the Python tensors it held, which needs the GIL. If the main thread has begun
+    interpreter shutdown by then (a process that exits right after its last collective, on a
+    loaded machine), the worker thread cannot take the GIL, Python ends the thread, and the
+    forced unwind through C++ aborts the process ("terminate called without an active
+    exception", SIGABRT: seen in a core dump, in ``AsyncAllgatherCoalescedWork``'s destructor
+    from ``ProcessGroupGloo::runLoop``) -- after all the work is done, yet the launcher reports
+    the job failed. The process group cannot simply be destroyed first: FSDP's device mesh and
+    the sharded parameters keep it alive. So at exit (registered once per process, when a
+    Trainer joins several processes) the main thread sleeps briefly without the GIL, which lets
+    those threads release their last references while Python still runs, then destroys the
+    process group, as Accelerate's ``end_training()`` does.
+    """
+    import atexit
+
+    def settle() -> None:
+        import time
+
+        import torch.distributed as dist
+
+        time.sleep(0.25)
+        if dist.is_available() and dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:  # pragma: no cover - exiting anyway; never mask the run's own outcome
+                pass
+
+    atexit.register(settle)
+
+
+def _warn_if_restarts_cannot_reconnect() -> None:
+    """torchrun restarts (``--max_restarts N``) whose workers share the agent's rendezvous store.
+
+    That store keeps the first attempt's keys (a static rendezvous keeps one store for good),
+    so after a restart the workers read the dead attempt's addresses and gloo fails to connect
+    (PyTorch issue 135712). ``--rdzv_backend c10d`` with ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``
+    gives every attempt a store of its own (README, "Elastic restarts").
+    """
+    if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        if os.environ.get("RANK", "0") == "0":
+            warnings.warn(
+                "torchrun restarts are on (--max_restarts) but the workers share the launcher's rendezvous store, "
+                "which keeps the first attempt's keys: after a restart the processes would find the dead attempt's "
+                "addresses and fail to connect, so restarts will not reconnect. Launch with --rdzv_backend c10d and "
+                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1.",
+                UserWarning,
+                stacklevel=3,
+            )
 
 
 def _check_launch(accelerator: Any) -> None:

@@ -3,6 +3,7 @@ wrapping plan; plus the trainer wiring that can be checked without GPUs or DeepS
 
 from __future__ import annotations
 
+import re
 import types
 from pathlib import Path
 
@@ -44,22 +45,18 @@ def test_deepspeed_refuses_two_optimizers_naming_them_and_the_alternatives():
     assert "launch/multi_gpu.yaml" in msg and "launch/fsdp.yaml" in msg
 
 
-def test_deepspeed_refuses_an_optimizer_step_override_and_points_to_a_warmup_scheduler():
+def test_deepspeed_refuses_an_optimizer_step_override_and_points_to_the_declarative_warmup():
     with pytest.raises(ConfigurationError) as info:
         check("DEEPSPEED", overrides_optimizer_step=True, module_name="WarmUpGAN")
     msg = str(info.value)
     assert "WarmUpGAN overrides optimizer_step" in msg
     assert "inside backward" in msg  # why: the engine already stepped
-    assert "LinearLR" in msg and "'interval': 'step'" in msg and "launch/multi_gpu.yaml" in msg
+    assert "'warmup_steps'" in msg and "launch/multi_gpu.yaml" in msg
 
 
-UNSUPPORTED = "DeepSpeed is not supported yet"
-
-
-def test_deepspeed_ignores_an_optimizer_step_override_under_manual_optimization():
-    # the trainer never calls optimizer_step under manual optimization: only the checkpoint rule remains
-    with pytest.raises(ConfigurationError, match=UNSUPPORTED):
-        check("DEEPSPEED", overrides_optimizer_step=True, automatic_optimization=False)
+def test_deepspeed_accepts_an_optimizer_step_override_under_manual_optimization():
+    # the trainer never calls optimizer_step under manual optimization
+    check("DEEPSPEED", overrides_optimizer_step=True, automatic_optimization=False)
 
 
 def test_deepspeed_refuses_an_optimizer_that_needs_a_closure():
@@ -70,33 +67,12 @@ def test_deepspeed_refuses_an_optimizer_that_needs_a_closure():
     assert "launch/multi_gpu.yaml" in msg
 
 
-def test_deepspeed_refuses_trainer_gradient_clipping_and_names_the_config_key():
+def test_deepspeed_refuses_clipping_by_value_and_accepts_clipping_by_norm():
     with pytest.raises(ConfigurationError) as info:
-        check("DEEPSPEED", gradient_clip_val=0.5)
+        check("DEEPSPEED", gradient_clip_val=0.5, gradient_clip_algorithm="value")
     msg = str(info.value)
-    assert "gradient_clip_val=0.5" in msg and "gradient_clipping" in msg and "gradient_clip_val=None" in msg
-
-
-def test_deepspeed_refuses_declarative_warmup_and_gives_the_equivalent_scheduler():
-    with pytest.raises(ConfigurationError) as info:
-        check("DEEPSPEED", warmup_optimizers=[0])
-    msg = str(info.value)
-    assert "'warmup_steps' for optimizer 0" in msg and "inside backward" in msg
-    assert "LinearLR(opt, start_factor=1 / W, total_iters=W - 1)" in msg
-
-
-def test_linear_lr_named_in_the_deepspeed_message_reproduces_warmup_steps():
-    from accel_trainer.scheduling import warmup_factor
-
-    w = 5
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    sched = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1 / w, total_iters=w - 1)
-    lrs = []
-    for _ in range(8):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
-    assert lrs == pytest.approx([warmup_factor(k, w) for k in range(8)])
+    assert "gradient_clip_algorithm='value'" in msg and "gradient_clipping" in msg and "'norm'" in msg
+    check("DEEPSPEED", gradient_clip_val=0.5)  # carried into the DeepSpeed config at prepare
 
 
 @pytest.mark.parametrize(
@@ -105,17 +81,52 @@ def test_linear_lr_named_in_the_deepspeed_message_reproduces_warmup_steps():
         {},  # one optimizer, automatic
         {"automatic_optimization": False},
         {"gradient_accumulation_steps": 4},
+        {"warmup_optimizers": [0]},  # applied around the backward that takes the engine's step
+        {"gradient_clip_val": 1.0},
     ],
 )
-def test_deepspeed_with_one_optimizer_is_refused_only_for_its_partitioned_checkpoints(kwargs):
-    with pytest.raises(ConfigurationError, match=UNSUPPORTED) as info:
-        check("DEEPSPEED", ["AdamW"], **kwargs)
-    assert "partition" in str(info.value) and "launch/multi_gpu.yaml" in str(info.value)
+def test_deepspeed_with_one_optimizer_is_accepted(kwargs):
+    check("DEEPSPEED", ["AdamW"], **kwargs)
 
 
-def test_deepspeed_with_no_optimizer_is_refused_for_its_checkpoints():
-    with pytest.raises(ConfigurationError, match=UNSUPPORTED):
+def test_deepspeed_without_an_optimizer_is_refused():
+    with pytest.raises(ConfigurationError, match="no optimizer"):
         check("DEEPSPEED", [])
+
+
+class _Config:
+    """A DeepSpeed plugin's config and the request the engine carries into it."""
+
+    @staticmethod
+    def carry(config: dict, **request) -> dict:
+        from accel_trainer.engines import RunRequest
+
+        DeepSpeedEngine(None)._carry_trainer_settings(config, RunRequest(optimizer_names=["AdamW"], **request))
+        return config
+
+
+def test_deepspeed_config_gets_the_trainers_clipping_and_accumulation():
+    config = _Config.carry({"gradient_clipping": "auto", "gradient_accumulation_steps": "auto"}, gradient_clip_val=0.5, gradient_accumulation_steps=3)
+    assert config == {"gradient_clipping": 0.5, "gradient_accumulation_steps": 3}
+
+
+def test_deepspeed_config_does_not_clip_unless_asked():
+    # Accelerate would fill an unset gradient_clipping with 1.0: clipping nobody asked for
+    assert _Config.carry({"gradient_clipping": "auto"})["gradient_clipping"] == 0.0
+    # a value from the launch (--gradient_clipping 1.0) is kept when the Trainer does not clip
+    assert _Config.carry({"gradient_clipping": 1.0})["gradient_clipping"] == 1.0
+
+
+@pytest.mark.parametrize(
+    "config, request_kwargs, message",
+    [
+        ({"gradient_clipping": 1.0}, {"gradient_clip_val": 0.5}, "gradient_clip_val=0.5) conflicts with the DeepSpeed config's gradient_clipping=1.0"),
+        ({"gradient_accumulation_steps": 4}, {"gradient_accumulation_steps": 2}, "gradient_accumulation_steps=2) conflicts"),
+    ],
+)
+def test_deepspeed_config_conflicts_with_the_trainer_are_errors(config, request_kwargs, message):
+    with pytest.raises(ConfigurationError, match=re.escape(message)):
+        _Config.carry(config, **request_kwargs)
 
 
 # ---------------------------------------------------------------------------------------------

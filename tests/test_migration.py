@@ -18,7 +18,9 @@ CONTRACT_ARGUMENTS = {
     "limit_val_batches": None, "val_check_interval": 1.0, "check_val_every_n_epoch": 1, "num_sanity_val_steps": 0,
     "log_every_n_steps": 50, "log_with": None, "project_name": "accel_trainer", "default_root_dir": "runs",
     "callbacks": None, "seed": None, "enable_progress_bar": True, "on_nonfinite_loss": "raise",
-    "check_rank_sync_every_n_steps": None, "accelerator": None,
+    "check_rank_sync_every_n_steps": None,
+    "collective_timeout": None,  # issue 15: bounds a hang (not a Lightning argument)
+    "accelerator": None,
 }
 
 

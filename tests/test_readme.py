@@ -41,8 +41,9 @@ def test_every_public_hook_and_attribute_is_in_the_reference():
 def test_the_first_install_block_works_with_and_without_a_gpu():
     first = re.search(r"```bash\n(.*?)```", _readme(), re.S).group(1)
     lines = [line for line in first.splitlines() if line.strip()]
-    # the CPU build first, then the project, then the headline run; each line says when it applies
-    assert lines[0].startswith("pip install torch --index-url https://download.pytorch.org/whl/cpu")
+    # torch first (the CPU build, without any external index: only package registries are reachable),
+    # then the project, then the headline run; each line says when it applies
+    assert lines[0].startswith("pip install torch==") and "--index-url" not in first
     assert "WITHOUT a GPU" in lines[0] and "skip" in lines[1] and "WITH a GPU" in lines[1]
     assert lines[1].startswith("pip install -e .")
     assert lines[2] == "accel-trainer fit --config configs/digits_gan.yaml"

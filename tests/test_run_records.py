@@ -221,14 +221,20 @@ def test_rerunning_a_finished_run_says_there_is_nothing_left_to_do(tmp_path, cap
     assert cli.main(_tiny(tmp_path)) == 0
     before = _fingerprint(tmp_path / "run")
     capsys.readouterr()
-    assert cli.main(_tiny(tmp_path, "--module.init_args.lr=0.5")) == 0
+    assert cli.main(_tiny(tmp_path)) == 0
     err = capsys.readouterr().err
     assert "nothing left to do: the checkpoint is at epoch 1, global_step 3, which already reaches max_epochs=1" in err
     after = _fingerprint(tmp_path / "run")
     changed = {k for k in before if after[k] != before[k]}
-    assert changed == {"run_status.json"}, changed  # config.yaml keeps the lr the run was trained with
+    assert changed == {"run_status.json"}, changed
     status = read_run_status(tmp_path / "run")
     assert (status["status"], status["stop_reason"], status["step"]) == ("finished", "nothing left to do", 3)
+
+    # another configuration in the same run directory is refused before anything is restored (issue 15)
+    assert cli.main(_tiny(tmp_path, "--module.init_args.lr=0.5")) == 2
+    err = capsys.readouterr().err
+    assert "of another configuration: module.init_args.lr: 0.003 -> 0.5" in err, err
+    assert _fingerprint(tmp_path / "run") == after  # config.yaml keeps the lr the run was trained with
 
 
 def test_run_status_through_the_status_command(tmp_path, capsys):

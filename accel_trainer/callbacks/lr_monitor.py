@@ -9,7 +9,7 @@ from collections import Counter, defaultdict
 from typing import Any
 
 from ..errors import ConfigurationError
-from ..optim import unwrap_optimizer
+from ..optim import innermost_optimizer, unwrap_optimizer
 from ..plotting import LR_COLUMNS_FILE  # written to the run directory so `accel-trainer plot` finds every LR column
 from .base import Callback
 
@@ -34,7 +34,7 @@ def lr_monitor_keys(optimizers: list, scheduler_configs: list) -> list[tuple[int
     entries: list[tuple[int, Any, list[str]]] = []
 
     def add(opt_idx: int, base: str, cfg: Any, counted: bool) -> None:
-        raw = unwrap_optimizer(optimizers[opt_idx])
+        raw = innermost_optimizer(optimizers[opt_idx])
         cls = type(raw)
         if counted:
             seen_types[cls] += 1
@@ -56,11 +56,11 @@ def lr_monitor_keys(optimizers: list, scheduler_configs: list) -> list[tuple[int
 
     for cfg in scheduler_configs:
         with_scheduler.add(cfg.opt_idx)
-        name = cfg.name if cfg.name is not None else f"lr-{type(unwrap_optimizer(optimizers[cfg.opt_idx])).__name__}"
+        name = cfg.name if cfg.name is not None else f"lr-{type(innermost_optimizer(optimizers[cfg.opt_idx])).__name__}"
         add(cfg.opt_idx, name, cfg, counted=cfg.name is None)
     for i, opt in enumerate(optimizers):
         if i not in with_scheduler:
-            add(i, f"lr-{type(unwrap_optimizer(opt)).__name__}", None, counted=True)
+            add(i, f"lr-{type(innermost_optimizer(opt)).__name__}", None, counted=True)
     return entries
 
 
@@ -120,7 +120,7 @@ class LearningRateMonitor(Callback):
                 stacklevel=2,
             )
         if self.log_momentum and any(
-            "momentum" not in unwrap_optimizer(o).defaults and "betas" not in unwrap_optimizer(o).defaults
+            "momentum" not in innermost_optimizer(o).defaults and "betas" not in innermost_optimizer(o).defaults
             for o in trainer.optimizers
         ):
             warnings.warn(
@@ -151,7 +151,7 @@ class LearningRateMonitor(Callback):
             optimizer = trainer.optimizers[opt_idx]
             raw = unwrap_optimizer(optimizer)
             lrs = trainer._step_tracker.effective_lrs(opt_idx, optimizer)
-            use_betas = "betas" in raw.defaults
+            use_betas = "betas" in innermost_optimizer(optimizer).defaults
             for key, lr, group in zip(keys, lrs, raw.param_groups):
                 values[key] = lr
                 if self.log_momentum:

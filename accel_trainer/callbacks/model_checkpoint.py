@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import warnings
 from typing import Any
 
 import torch
@@ -139,7 +140,11 @@ class ModelCheckpoint(Callback):
 
     # -- saving -------------------------------------------------------------------------------
     def _save(self, trainer: Any, epoch: int) -> None:
-        """Save for ``epoch`` (0-based, as in Lightning's file names)."""
+        """Save for ``epoch`` (0-based, as in Lightning's file names).
+
+        A save the trainer refuses (non-finite weights: ``save_checkpoint`` returns False)
+        changes nothing here: no file is recorded, none is removed.
+        """
         self._last_global_step_saved = trainer.global_step
         if self.save_top_k == 0:
             if self.save_last:
@@ -148,14 +153,13 @@ class ModelCheckpoint(Callback):
         score = self._current_score(trainer)
         path = self._format_path(trainer, epoch)
         if self.monitor is None:
-            trainer.save_checkpoint(path)
-            self._recent.append(path)
-            self.best_model_path = path
-            keep = self.save_top_k if self.save_top_k > 0 else len(self._recent)
-            while len(self._recent) > keep:
-                self._remove(trainer, self._recent.pop(0))
-        elif self._is_better(score):
-            trainer.save_checkpoint(path)
+            if _written(trainer.save_checkpoint(path)):
+                self._recent.append(path)
+                self.best_model_path = path
+                keep = self.save_top_k if self.save_top_k > 0 else len(self._recent)
+                while len(self._recent) > keep:
+                    self._remove(trainer, self._recent.pop(0))
+        elif self._is_better(score, trainer) and _written(trainer.save_checkpoint(path)):
             self.best_k_models[path] = score
             if self.save_top_k > 0 and len(self.best_k_models) > self.save_top_k:
                 worst = self._worst()
@@ -170,8 +174,8 @@ class ModelCheckpoint(Callback):
     def _save_last(self, trainer: Any) -> None:
         self._last_global_step_saved = trainer.global_step
         path = os.path.join(self.dirpath, LAST_NAME)
-        trainer.save_checkpoint(path)
-        self.last_model_path = path
+        if _written(trainer.save_checkpoint(path)):
+            self.last_model_path = path
 
     def _current_score(self, trainer: Any) -> float | None:
         if self.monitor is None:
@@ -185,8 +189,18 @@ class ModelCheckpoint(Callback):
         value = metrics[self.monitor]
         return float(value) if isinstance(value, torch.Tensor) else float(value)
 
-    def _is_better(self, score: float | None) -> bool:
-        if score is None or math.isnan(score):
+    def _is_better(self, score: float | None, trainer: Any = None) -> bool:
+        if score is None:
+            return False
+        if math.isnan(score):
+            # never a "best" checkpoint (Lightning ranks a NaN as the worst score; here it is not a candidate)
+            if trainer is not None and getattr(trainer, "is_global_zero", True):
+                warnings.warn(
+                    f"ModelCheckpoint(monitor={self.monitor!r}): the score is NaN at global_step {trainer.global_step}; "
+                    "this check saves no top-k checkpoint (a NaN is never among the best).",
+                    UserWarning,
+                    stacklevel=2,
+                )
             return False
         if self.save_top_k == -1 or len(self.best_k_models) < self.save_top_k:
             return True
@@ -251,3 +265,8 @@ class ModelCheckpoint(Callback):
         self.last_model_path = state_dict.get("last_model_path", "")
         self._recent = list(state_dict.get("recent", []))
         self._last_global_step_saved = int(state_dict.get("last_global_step_saved", 0))
+
+
+def _written(result: Any) -> bool:
+    """``trainer.save_checkpoint``'s answer: False when it refused to write (None from an older trainer)."""
+    return result is not False

@@ -20,6 +20,8 @@ from typing import Any, NamedTuple, Sequence
 
 import torch
 
+from ..errors import CheckpointError
+
 #: the engines under which the trainer builds its own DDP wrappers (see ``ddp.plan_wrappers``)
 DDP_ENGINES = ("MULTI_GPU", "MULTI_CPU")
 FSDP = "FSDP"
@@ -98,9 +100,27 @@ class Engine:
     #: every forward pass is a collective (FSDP all-gathers sharded parameters), so all ranks
     #: must run the same number of them (see ``accel_trainer.lockstep``)
     forward_is_collective = False
+    #: the optimizer's real step happens inside ``accelerator.backward`` at a boundary (DeepSpeed),
+    #: so the warm-up must be applied around that backward, not around ``optimizer.step()``
+    step_inside_backward = False
+    #: a sharded checkpoint's payload sub-directory
+    payload_dir = "shards"
 
     def __init__(self, accelerator: Any) -> None:
         self.accelerator = accelerator
+
+    def describe(self) -> str:
+        """What trains, in words (for the command line's summary): "DDP over gloo on CPU" …"""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return f"a single process on {acc.device}"
+        backend = getattr(acc.state, "backend", None)
+        name = self.variant()
+        return f"{name} over {backend} on {acc.device.type.upper()}" if backend else name
+
+    def variant(self) -> str:
+        """The engine's name with its version or stage ("FSDP2", "DeepSpeed ZeRO-3"); default: ``label``."""
+        return self.label
 
     # -- before training ------------------------------------------------------------------------
     def check(self, request: RunRequest) -> None:
@@ -142,6 +162,34 @@ class Engine:
     def restore_payload(self, source: "PayloadSource", module: torch.nn.Module, wrapper: torch.nn.Module, optimizers: list) -> None:
         """Load what :meth:`save_payload` wrote, by any engine, into this run (every rank calls this)."""
         raise NotImplementedError
+
+    def state_shapes(self, module: torch.nn.Module, wrapper: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+        """Name -> global shape of every tensor of the module being trained (to check a checkpoint against)."""
+        from ..sharded_state import PREFIX, model_state
+
+        return {k[len(PREFIX):] if k.startswith(PREFIX) else k: tuple(v.shape) for k, v in model_state(wrapper).items()}
+
+    def payload_file_owner(self, name: str, index: int, world_size: int) -> int:
+        """The rank that hashes payload file ``name`` (the ``index``-th, sorted) of a checkpoint directory.
+
+        Each file's checksum is recorded in the checkpoint (:mod:`accel_trainer.integrity`);
+        a rank hashing the files it wrote itself reads them from its own page cache. The
+        default spreads the files over the ranks; an engine whose file names carry the
+        writing rank says so here.
+        """
+        return index % world_size
+
+
+def refuse_deepspeed_payload(source: "PayloadSource", engine_label: str) -> None:
+    """A ZeRO checkpoint holds the engine's own partitioned format: only DeepSpeed resumes it."""
+    meta = source.checkpoint.get("sharded") or {}
+    if meta.get("engine") == "DeepSpeed":
+        raise CheckpointError(
+            f"{source.path!r} was written by DeepSpeed ZeRO-{meta.get('zero_stage')} on {meta.get('world_size')} "
+            f"processes; {engine_label} cannot read ZeRO's partitioned optimizer state. Resume it under DeepSpeed "
+            f"with the same stage and number of processes, or export its weights (accel-trainer export {source.path} "
+            "weights.safetensors) and start a new run from them."
+        )
 
 
 @dataclass

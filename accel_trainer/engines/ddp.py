@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import torch
 
 from .. import sharded_state
-from .base import DDP_ENGINES, Engine, PayloadSource, WrapperPlan, engine_name
+from .base import DDP_ENGINES, Engine, PayloadSource, WrapperPlan, engine_name, refuse_deepspeed_payload
 
 
 def plan_wrappers(distributed_type: Any, num_processes: int, automatic: bool, owners: Sequence[set[int]]) -> WrapperPlan:
@@ -96,6 +96,7 @@ class DDPEngine(Engine):
         }
 
     def restore_payload(self, source: PayloadSource, module: torch.nn.Module, wrapper: torch.nn.Module, optimizers: list) -> None:
+        refuse_deepspeed_payload(source, "DDP")
         if source.shards is not None:  # written by FSDP: DCP reassembles the full tensors
             sharded_state.restore_payload(source.shards, source.checkpoint["sharded"], module, wrapper, optimizers)
             return

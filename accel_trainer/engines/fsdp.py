@@ -15,14 +15,17 @@ What differs from DDP, and where it is handled:
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import os
-from typing import Any, Sequence
+import re
+from typing import Any, Iterator, Sequence
 
 import torch
 
 from .. import sharded_state
 from ..errors import CheckpointError, ConfigurationError
-from .base import DDP_ALTERNATIVE, Engine, PayloadSource, RunRequest
+from .base import DDP_ALTERNATIVE, Engine, PayloadSource, RunRequest, refuse_deepspeed_payload
 
 _GRADS_DIR = "rank_grads"
 #: where a sharded module remembers the wrapper it lives in (see FSDPEngine._unsharded_or_root)
@@ -150,6 +153,9 @@ class FSDPEngine(Engine):
     sharded_checkpoints = True
     forward_is_collective = True
 
+    def variant(self) -> str:
+        return f"FSDP{self.version}"
+
     @property
     def plugin(self) -> Any:
         return getattr(self.accelerator.state, "fsdp_plugin", None)
@@ -162,7 +168,9 @@ class FSDPEngine(Engine):
         check_fsdp(request, self.plugin)
 
     def prepare(self, dispatchers: list, optimizers: list, schedulers: list, train_loader: Any) -> Any:
-        prepared = super().prepare([self._unsharded_or_root(dispatchers[0])], optimizers, schedulers, train_loader)
+        dispatcher = self._unsharded_or_root(dispatchers[0])
+        with _metric_states_kept(dispatcher, self.version == 2 and bool(getattr(self.plugin, "cpu_ram_efficient_loading", False))):
+            prepared = super().prepare([dispatcher], optimizers, schedulers, train_loader)
         self._remember(prepared.wrappers[0])
         return prepared
 
@@ -178,7 +186,8 @@ class FSDPEngine(Engine):
         # Accelerate's FSDP2 prepare shards a model only together with an optimizer (it re-points
         # the optimizer's parameters in the same call); evaluation has none, so it lends one that
         # is never stepped. The model is wrapped exactly as for training (wrapping policy, autocast).
-        wrapper, _ = self.accelerator.prepare(dispatcher, torch.optim.SGD(params, lr=0.0))
+        with _metric_states_kept(dispatcher, bool(getattr(self.plugin, "cpu_ram_efficient_loading", False))):
+            wrapper, _ = self.accelerator.prepare(dispatcher, torch.optim.SGD(params, lr=0.0))
         return self._remember(wrapper)
 
     def _unsharded_or_root(self, dispatcher: torch.nn.Module) -> torch.nn.Module:
@@ -249,6 +258,7 @@ class FSDPEngine(Engine):
         return meta
 
     def restore_payload(self, source: PayloadSource, module: torch.nn.Module, wrapper: torch.nn.Module, optimizers: list) -> None:
+        refuse_deepspeed_payload(source, "FSDP")
         if source.shards is not None:
             meta = source.checkpoint["sharded"]
             sharded_state.restore_payload(source.shards, meta, module, wrapper, optimizers)
@@ -256,6 +266,13 @@ class FSDPEngine(Engine):
                 self._restore_rank_grads(source, module)
             return
         self._restore_from_full(source, module, wrapper, optimizers)
+
+    def payload_file_owner(self, name: str, index: int, world_size: int) -> int:
+        """DCP's ``__<rank>_<n>.distcp`` and FSDP1's ``rank-<rank>.pt`` by their writer; ``.metadata`` by rank 0."""
+        found = re.search(r"(?:^|/)(?:__(\d+)_\d+\.distcp|rank-(\d+)\.pt)$", name)
+        if found:
+            return int(found.group(1) or found.group(2)) % world_size
+        return 0 if name.endswith(".metadata") else index % world_size
 
     def _restore_from_full(self, source: PayloadSource, module: torch.nn.Module, wrapper: torch.nn.Module, optimizers: list) -> None:
         """A single-file checkpoint (one process or DDP) put into shards."""
@@ -318,6 +335,41 @@ def _any_rank(flag: bool) -> bool:
     value = torch.tensor([float(flag)])
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item() > 0)
+
+
+@contextlib.contextmanager
+def _metric_states_kept(module: torch.nn.Module, active: bool) -> Iterator[None]:
+    """Keep torchmetrics metrics usable through FSDP2's ``cpu_ram_efficient_loading``.
+
+    With that flag Accelerate moves the whole model to the ``meta`` device before sharding
+    and then reloads only the state dict and the non-persistent buffers; a torchmetrics
+    ``Metric`` moves its states (kept outside the state dict) to ``meta`` too, and the first
+    ``compute()`` fails ("Tensor.item() cannot be called on meta tensors"). The states and
+    their defaults are copied before and put back where they ended up on ``meta``. (This
+    reads torchmetrics' ``_defaults``/``_device``: the only way to restore a metric's states.)
+    """
+    kept = []
+    if active:
+        try:
+            from torchmetrics import Metric
+        except ImportError:  # pragma: no cover - torchmetrics is a dependency
+            Metric = ()  # type: ignore[assignment]
+        for m in module.modules():
+            if isinstance(m, Metric):
+                kept.append((m, copy.deepcopy(m._defaults), {k: copy.deepcopy(getattr(m, k)) for k in m._defaults}, m._device))
+    yield
+    for metric, defaults, states, device in kept:
+        if any(_is_meta(v) for v in metric._defaults.values()) or any(_is_meta(getattr(metric, k)) for k in states):
+            metric._defaults = defaults
+            for key, value in states.items():
+                setattr(metric, key, value)
+            metric._device = device
+
+
+def _is_meta(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.is_meta
+    return isinstance(value, (list, tuple)) and any(_is_meta(v) for v in value)
 
 
 def _broadcast_module_state(module: torch.nn.Module) -> None:

@@ -14,6 +14,10 @@ Cases:
     c: gradient accumulation (2) and bf16.
     d: one optimizer with a skipping ``optimizer_step`` override (carried gradients) and a
        warm-up -- what FSDP1 accepts of case b.
+    e: case b's two optimizers with the default ``optimizer_step`` (FSDP1 accepts several
+       optimizers only so).
+    f: one optimizer, a warmed-up step scheduler and a ReduceLROnPlateau, accumulation (2) and
+       clipping -- what DeepSpeed accepts.
 """
 
 from __future__ import annotations
@@ -77,6 +81,23 @@ class WideEveryOther(Wide):
             optimizer.zero_grad()
 
 
+class WideWarmupPlateau(Wide):
+    """One optimizer with a warmed-up step scheduler and a ReduceLROnPlateau: what DeepSpeed accepts."""
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.AdamW(self.net.parameters(), lr=self.lr, weight_decay=0.01)
+        return [opt], [
+            {"scheduler": torch.optim.lr_scheduler.StepLR(opt, 3, 0.8), "interval": "step", "warmup_steps": 5},
+            {"scheduler": torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=0, threshold=0.5), "monitor": "val_loss"},
+        ]
+
+
+class EverythingDefaultStep(Everything):
+    """Case b without the override: two optimizers each stepping every batch (what FSDP1 accepts)."""
+
+    optimizer_step = TrainingModule.optimizer_step
+
+
 def _wide_data(n: int = 96) -> TensorDataset:
     g = torch.Generator().manual_seed(3)
     x = torch.randn(n, 6, generator=g)
@@ -102,6 +123,15 @@ def case_setup(case: str) -> tuple[TrainingModule, DataLoader, DataLoader, dict]
             DataLoader(_wide_data(40), batch_size=8),
             {"gradient_accumulation_steps": 2, "mixed_precision": "bf16"},
         )
+    if case == "e":
+        return EverythingDefaultStep(), DataLoader(_everything_data(), batch_size=3, shuffle=True), DataLoader(_everything_data(), batch_size=10), {}
+    if case == "f":
+        return (
+            WideWarmupPlateau(lr=0.02),
+            DataLoader(_wide_data(), batch_size=4, shuffle=True),
+            DataLoader(_wide_data(40), batch_size=8),
+            {"gradient_accumulation_steps": 2, "gradient_clip_val": 0.5},
+        )
     if case == "d":
         return WideEveryOther(), DataLoader(_wide_data(), batch_size=6, shuffle=True), DataLoader(_wide_data(40), batch_size=8), {}
     raise ValueError(case)
@@ -118,7 +148,9 @@ class Record(Callback):
     def on_fit_start(self, trainer: Any, module: Any) -> None:
         self.step_lrs = [[] for _ in trainer.optimizers]
         for i, opt in enumerate(trainer.optimizers):
-            raw = getattr(opt, "optimizer", opt)
+            raw = opt
+            while hasattr(raw, "optimizer"):  # Accelerate's wrapper, DeepSpeed's ZeRO optimizer: the torch optimizer
+                raw = raw.optimizer
 
             def hook(optimizer: Any, args: Any, kwargs: Any, i: int = i) -> None:
                 self.step_lrs[i].append(float(optimizer.param_groups[0]["lr"]))
@@ -135,10 +167,18 @@ class Record(Callback):
 
 
 def ask_for(engine: str) -> None:
-    """Set the environment ``accelerate launch`` sets for ``engine`` (its default FSDP flags)."""
-    for key in [k for k in os.environ if k.startswith("FSDP_")] + ["ACCELERATE_USE_FSDP"]:
+    """Set the environment ``accelerate launch`` sets for ``engine``: ``ddp``, ``fsdp1``/``fsdp2``
+    (its default FSDP flags), ``zero1``/``zero2``/``zero3`` (``--use_deepspeed --zero_stage N``)."""
+    for key in [k for k in os.environ if k.startswith(("FSDP_", "ACCELERATE_DEEPSPEED_"))] + ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"]:
         os.environ.pop(key, None)
     if engine == "ddp":
+        return
+    if engine.startswith("zero"):
+        os.environ.update({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": engine[-1]})
+        import torch.distributed as dist
+
+        if dist.is_initialized():  # forked ranks (run_on_ranks): DeepSpeed reads its rank from the environment
+            os.environ.update(RANK=str(dist.get_rank()), LOCAL_RANK=str(dist.get_rank()))
         return
     os.environ.update(
         {
@@ -161,6 +201,12 @@ def full_state(trainer: Trainer) -> dict[str, torch.Tensor]:
     """The module's full (unsharded) state dict on every rank, keys as ``module.state_dict()``."""
     from accel_trainer.sharded_state import PREFIX, model_state
 
+    if type(trainer._engine).__name__ == "DeepSpeedEngine":
+        import deepspeed
+
+        module = trainer.lightning_module
+        with deepspeed.zero.GatheredParameters(list(module.parameters())):  # ZeRO-3 partitions; a no-op below it
+            return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
     state = model_state(trainer._wrapped, full=True)
     return {k[len(PREFIX):]: v.detach().float().cpu().clone() for k, v in state.items()}
 
@@ -225,10 +271,10 @@ def assert_equal_runs(a: dict[str, Any], b: dict[str, Any], tolerance: float = 1
 
 
 # -- evaluation, big shards, a kill during a save ----------------------------------------------
-def evaluate_under_fsdp2(root: str) -> None:
+def evaluate_under(root: str, engine: str) -> None:
     """validate() on an uneven split (3 batches on rank 0, 2 on rank 1) and test() where rank 1
     has no batch at all: both equal the mean over the whole set, computed in one process."""
-    ask_for("fsdp2")
+    ask_for(engine)
     module, _, _, _ = case_setup("a")
     val = DataLoader(_wide_data(40), batch_size=8)
     test = DataLoader(_wide_data(8), batch_size=8)
@@ -327,6 +373,9 @@ def kill_during_sharded_save(tmp_path: Any) -> None:
     assert final.returncode == 0, out[-3000:]
     resumed = torch.load(result, weights_only=False)
     assert resumed["global_step"] == 24 and resumed["epoch"] == 3
+    # the killed save's staging directory was removed when the next run started (issue 15)
+    assert not glob.glob(os.path.join(root, "checkpoints", ".tmp-*")), os.listdir(os.path.join(root, "checkpoints"))
+    assert "removed 1 temporary file(s) a killed run left" in out, out[-3000:]
 
 
 def _kill_tree(root: int) -> None:

@@ -50,8 +50,11 @@ def _assert_bitwise(a: dict, b: dict) -> None:
 # -- the engine really is FSDP, and equals DDP ---------------------------------------------------
 @pytest.mark.parametrize(
     "case, engine",
-    [("a", "fsdp1"), ("a", "fsdp2"), ("b", "fsdp2"), ("c", "fsdp1"), ("c", "fsdp2")],
-    ids=["one-optimizer-clip-fsdp1", "one-optimizer-clip-fsdp2", "gan-override-warmup-plateau-fsdp2", "accumulation-bf16-fsdp1", "accumulation-bf16-fsdp2"],
+    [("a", "fsdp1"), ("a", "fsdp2"), ("b", "fsdp2"), ("c", "fsdp1"), ("c", "fsdp2"), ("d", "fsdp1"), ("e", "fsdp1")],
+    ids=[
+        "one-optimizer-clip-fsdp1", "one-optimizer-clip-fsdp2", "gan-override-warmup-plateau-fsdp2",
+        "accumulation-bf16-fsdp1", "accumulation-bf16-fsdp2", "one-optimizer-override-warmup-fsdp1", "two-optimizers-fsdp1",
+    ],
 )
 def test_fsdp_equals_ddp(tmp_path_factory, case, engine):
     ddp = _full(tmp_path_factory, "ddp", case)
@@ -124,7 +127,7 @@ def test_resharding_two_ranks_to_one_and_one_to_two(tmp_path):
 
 
 def test_validate_and_test_under_fsdp2(tmp_path):
-    run_on_ranks(fsdp_jobs.evaluate_under_fsdp2, args=(str(tmp_path),))
+    run_on_ranks(fsdp_jobs.evaluate_under, args=(str(tmp_path), "fsdp2"))
     results = torch.load(tmp_path / "evaluate.pt", weights_only=False)
     assert results["engine"] == "FSDPEngine"
     assert results["validate"] == pytest.approx(results["expected"], abs=1e-6)
@@ -164,3 +167,28 @@ def test_export_writes_consolidated_safetensors_from_a_sharded_checkpoint(tmp_pa
 
 def test_a_kill_during_a_sharded_save_keeps_the_previous_last(tmp_path):
     fsdp_jobs.kill_during_sharded_save(tmp_path)
+
+
+def test_a_damaged_shard_is_named_before_anything_is_restored(tmp_path):
+    """Issue 15: every payload file's sha256 (what sha256sum prints) is recorded, each hashed by the
+    rank that wrote it, and verified on load -- by one process, or shared out over the ranks."""
+    import hashlib
+
+    from accel_trainer.errors import CheckpointError
+
+    run = _run(tmp_path, "fsdp2", "a", "run", max_steps=5)
+    last = os.path.join(run["root"], "checkpoints", "last.ckpt")
+    files = torch.load(os.path.join(last, ckpt_io.STATE_FILE), weights_only=True)["integrity"]["files"]
+    assert {"shards/.metadata", "shards/__0_0.distcp", "shards/__1_0.distcp"} <= set(files), files
+    for name, digest in files.items():
+        with open(os.path.join(last, name), "rb") as f:
+            assert hashlib.sha256(f.read()).hexdigest() == digest, name
+    shard = os.path.join(last, "shards", "__1_0.distcp")
+    data = bytearray(open(shard, "rb").read())
+    data[len(data) // 2] ^= 0x01
+    open(shard, "wb").write(bytes(data))
+    with pytest.raises(CheckpointError, match=r"__1_0\.distcp' is corrupt \(sha256"):
+        ckpt_io.load_weights(last)  # one process (export, evaluation)
+    with pytest.raises(Exception) as err:  # both ranks of a resume refuse, naming the file
+        _run(tmp_path, "fsdp2", "a", "run", ckpt_path="last")
+    assert "__1_0.distcp' is corrupt" in str(err.value), str(err.value)[-2000:]
