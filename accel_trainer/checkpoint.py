@@ -43,8 +43,9 @@ import sys
 import tempfile
 import uuid
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch

@@ -59,7 +59,8 @@ import re
 import sys
 import types
 import warnings
-from typing import Any, Literal, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Literal, Optional
 
 import torch
 
@@ -369,7 +370,6 @@ def attach_optimizers(module: TrainingModule, optimizer: Any, lr_scheduler: dict
 def _load_weights(trainer: Trainer, module: TrainingModule, ckpt_path: str | None, what: str = "weights from") -> None:
     """validate/test: weights from ``ckpt_path``, else the run's ``last.ckpt``, else as built."""
     from .checkpoint import load_weights
-
     from .run_status import last_checkpoint
 
     path = ckpt_path

@@ -18,7 +18,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .trainer import Trainer
 
 
-def fingerprint(trainer: "Trainer") -> tuple[list[str], torch.Tensor]:
+def fingerprint(trainer: Trainer) -> tuple[list[str], torch.Tensor]:
     """Names and values of everything that must agree across ranks."""
     names = ["global_step", "current_epoch"]
     values = [float(trainer.global_step), float(trainer.current_epoch)]
@@ -32,7 +32,7 @@ def fingerprint(trainer: "Trainer") -> tuple[list[str], torch.Tensor]:
     return names, torch.tensor(values, dtype=torch.float64)
 
 
-def assert_ranks_in_sync(trainer: "Trainer") -> None:
+def assert_ranks_in_sync(trainer: Trainer) -> None:
     """Raise :class:`RankDesyncError` naming every value that differs between ranks."""
     accelerator = trainer.accelerator
     names, values = fingerprint(trainer)

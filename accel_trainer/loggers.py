@@ -66,7 +66,7 @@ class CSVTracker(GeneralTracker):
         self.rows = 0
 
     @property
-    def tracker(self) -> "CSVTracker":
+    def tracker(self) -> CSVTracker:
         return self
 
     def start(self) -> None:
@@ -554,7 +554,7 @@ class _DummyExperiment:
     def __getattr__(self, name: str) -> Any:
         return self._nop
 
-    def __getitem__(self, idx: Any) -> "_DummyExperiment":
+    def __getitem__(self, idx: Any) -> _DummyExperiment:
         return self
 
     def __setitem__(self, *args: Any) -> None:

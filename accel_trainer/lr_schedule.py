@@ -27,10 +27,10 @@ import copy
 import csv
 import math
 import os
-import warnings
-from typing import Any, Callable, Mapping
-
 import textwrap
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 

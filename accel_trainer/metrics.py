@@ -21,8 +21,9 @@ dataloader that logs it). Validation and test *step* values never reach
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 

@@ -10,7 +10,8 @@ import argparse
 import contextlib
 import inspect
 import warnings
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -70,12 +71,12 @@ class TrainingModule(torch.nn.Module):
 
     # -- trainer-backed views -------------------------------------------------------------------
     @property
-    def trainer(self) -> "Trainer | None":
+    def trainer(self) -> Trainer | None:
         """The :class:`Trainer` running this module (None outside a run)."""
         return self._trainer
 
     @trainer.setter
-    def trainer(self, trainer: "Trainer | None") -> None:
+    def trainer(self, trainer: Trainer | None) -> None:
         object.__setattr__(self, "_trainer", trainer)
 
     @property
@@ -251,7 +252,7 @@ class TrainingModule(torch.nn.Module):
         finally:
             self.untoggle_optimizer(optimizer)
 
-    def _require_trainer(self, what: str) -> "Trainer":
+    def _require_trainer(self, what: str) -> Trainer:
         if self._trainer is None:
             raise RuntimeError(f"self.{what}() is only available while a Trainer runs this module.")
         return self._trainer

@@ -122,7 +122,7 @@ def requires_closure(optimizer: torch.optim.Optimizer) -> bool:
     return answer
 
 
-_REQUIRES_CLOSURE: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
+_REQUIRES_CLOSURE: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
 _MARK = "_accel_trainer_requires_closure"
 
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import bisect
 import itertools
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 
 def is_accumulation_boundary(batch_idx: int, accumulate: int, batches_in_epoch: int | None) -> bool:

@@ -28,8 +28,9 @@ import shutil
 import socket
 import sys
 import time
+from collections.abc import Iterable
 from datetime import datetime, timezone
-from typing import Any, Iterable
+from typing import Any
 
 from .errors import ConfigurationError
 

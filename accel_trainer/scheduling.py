@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -50,7 +51,7 @@ class StepTracker:
         warmup_steps: per optimizer, the warm-up length or ``None``.
     """
 
-    def __init__(self, optimizers: list, state: "TrainingState", warmup_steps: list[int | None]) -> None:
+    def __init__(self, optimizers: list, state: TrainingState, warmup_steps: list[int | None]) -> None:
         self._state = state
         self._optimizers = list(optimizers)
         self._paused = False

@@ -21,7 +21,7 @@ alone (see ``engines/fsdp.check_fsdp``). With the flags already off, ``inputs=``
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -51,14 +51,16 @@ import math
 import os
 import sys
 import warnings
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch.nn.modules import module as nn_module
 
 from . import checkpoint as ckpt_io
-from . import lockstep as lockstep_mod
 from . import data as data_utils
+from . import lockstep as lockstep_mod
+from . import run_status as run_records
 from .callbacks.base import Callback
 from .callbacks.early_stopping import EarlyStopping
 from .callbacks.model_checkpoint import ModelCheckpoint
@@ -75,9 +77,6 @@ from .migration import (
 )
 from .module import TrainingModule
 from .nonfinite import NonFiniteGuard
-from .preemption import Preempted, PreemptionPoll, PreemptionWatcher, exit_code_for
-from .progress import make_progress
-from . import run_status as run_records
 from .optim import (
     OptimizationConfig,
     SchedulerConfig,
@@ -86,6 +85,8 @@ from .optim import (
     parse_configure_optimizers,
     requires_closure,
 )
+from .preemption import Preempted, PreemptionPoll, PreemptionWatcher, exit_code_for
+from .progress import make_progress
 from .scheduling import SchedulerRunner, StepTracker
 from .state import TrainingState
 from .toggle import OptimizerToggle
@@ -96,7 +97,7 @@ CLIP_ALGORITHMS = ("norm", "value")
 NONFINITE_POLICIES = ("raise", "skip")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cache_accelerate_availability_checks() -> None:
     """Cache ``accelerate.optimizer.is_lomo_available`` (done once, when the first run is set up).
 
@@ -211,7 +212,7 @@ class _Hooks:
     Which objects override which hook is decided once per run, so unused hooks cost nothing.
     """
 
-    def __init__(self, trainer: "Trainer", module: TrainingModule, callbacks: list[Callback]) -> None:
+    def __init__(self, trainer: Trainer, module: TrainingModule, callbacks: list[Callback]) -> None:
         self.trainer = trainer
         self.module = module
         self.callbacks = callbacks
@@ -270,7 +271,7 @@ class _Closure:
 
     __slots__ = ("_trainer", "_batch", "_batch_idx", "_opt_idx", "_loss")
 
-    def __init__(self, trainer: "Trainer", batch: Any, batch_idx: int, opt_idx: int, loss: torch.Tensor) -> None:
+    def __init__(self, trainer: Trainer, batch: Any, batch_idx: int, opt_idx: int, loss: torch.Tensor) -> None:
         self._trainer, self._batch, self._batch_idx, self._opt_idx, self._loss = trainer, batch, batch_idx, opt_idx, loss
 
     def __call__(self) -> torch.Tensor:
@@ -1900,7 +1901,7 @@ def _say_safely(message: str) -> None:
         pass
 
 
-def _explain_collective_timeout(exc: BaseException, trainer: "Trainer") -> None:
+def _explain_collective_timeout(exc: BaseException, trainer: Trainer) -> None:
     """One line saying what a collective that timed out means (the exception itself is torch's)."""
     text = str(exc)
     if not isinstance(exc, RuntimeError) or not ("Timed out" in text or "timed out" in text or "Timeout" in text):
@@ -2170,7 +2171,7 @@ def _launched_world_size() -> int:
         return 1
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _settle_collectives_at_exit() -> None:
     """Let gloo's worker threads finish with the last collectives before the interpreter shuts down.
 

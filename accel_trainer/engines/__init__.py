@@ -14,7 +14,8 @@ silently drops an FSDP or DeepSpeed request on CPU and trains DDP instead.
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from ..errors import ConfigurationError
 from .base import DDP_ENGINES, DEEPSPEED, FSDP, Engine, PayloadSource, Prepared, RunRequest, WrapperPlan, engine_name

@@ -15,8 +15,9 @@ engines sits behind the small :class:`Engine` interface below, one module per en
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import torch
 
@@ -159,7 +160,7 @@ class Engine:
         """
         raise NotImplementedError
 
-    def restore_payload(self, source: "PayloadSource", module: torch.nn.Module, wrapper: torch.nn.Module, optimizers: list) -> None:
+    def restore_payload(self, source: PayloadSource, module: torch.nn.Module, wrapper: torch.nn.Module, optimizers: list) -> None:
         """Load what :meth:`save_payload` wrote, by any engine, into this run (every rank calls this)."""
         raise NotImplementedError
 
@@ -180,7 +181,7 @@ class Engine:
         return index % world_size
 
 
-def refuse_deepspeed_payload(source: "PayloadSource", engine_label: str) -> None:
+def refuse_deepspeed_payload(source: PayloadSource, engine_label: str) -> None:
     """A ZeRO checkpoint holds the engine's own partitioned format: only DeepSpeed resumes it."""
     meta = source.checkpoint.get("sharded") or {}
     if meta.get("engine") == "DeepSpeed":

@@ -8,7 +8,8 @@ It can also resume from a sharded FSDP checkpoint: DCP reassembles the full tens
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 

@@ -19,7 +19,8 @@ import contextlib
 import copy
 import os
 import re
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 
