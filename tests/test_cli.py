@@ -215,6 +215,43 @@ def test_a_config_optimizer_replaces_the_modules_own_with_a_warning(tmp_path):
     assert trainer.lr_schedulers == []
 
 
+def test_attach_optimizers_from_python_builds_what_the_specs_name():
+    from accel_trainer.examples.digits import DigitsClassifier
+
+    module = DigitsClassifier()
+    with pytest.warns(UserWarning, match=r"replaced by the config's optimizer \(SGD\) and lr_scheduler \(StepLR\)"):
+        cli.attach_optimizers(module, {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.1}},
+                              lr_scheduler={"class_path": "StepLR", "init_args": {"step_size": 2}, "interval": "step"})
+    configured = module.configure_optimizers()
+    optimizer, scheduler = configured["optimizer"], configured["lr_scheduler"]
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.param_groups[0]["lr"] == 0.1
+    assert isinstance(scheduler["scheduler"], torch.optim.lr_scheduler.StepLR) and scheduler["scheduler"].step_size == 2
+    assert scheduler["scheduler"].optimizer is optimizer and scheduler["interval"] == "step"
+    assert module.configure_optimizers()["optimizer"] is not optimizer  # a fresh optimizer per call
+    with pytest.raises(cli.CLIError, match="optimizer"):
+        cli.attach_optimizers(module, {"class_path": "torch.optim.NoSuchOptimizer"})
+
+
+# -- building: the order a run needs ---------------------------------------------------------------
+
+
+def test_the_trainer_applies_the_seed_before_the_module_is_built(tmp_path):
+    def initial_weights(seed: int) -> torch.Tensor:
+        _, _, cfg = cli.parse(tiny(tmp_path, f"--trainer.seed={seed}"))
+        _, _, module = cli.build(cfg)
+        return torch.cat([p.detach().flatten() for p in module.parameters()])
+
+    assert torch.equal(initial_weights(3), initial_weights(3))
+    assert not torch.equal(initial_weights(3), initial_weights(4))
+
+
+def test_a_callbacks_own_argument_check_names_its_place_in_the_list(tmp_path, capsys):
+    argv = tiny(tmp_path, "--trainer.callbacks+=accel_trainer.callbacks.EarlyStopping", "--trainer.callbacks.mode=sideways")
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "error: trainer.callbacks[1]: EarlyStopping(mode='sideways')" in err and "Traceback" not in err
+
+
 # -- bad configs: exit code 2, the key, the value, what is allowed ---------------------------------
 
 BAD_YAML = {
