@@ -369,7 +369,7 @@ class _SimulatedTrainer:
         self.lr_schedulers: list = []
         self.max_steps = max_steps
         self.max_epochs = None
-        self.callback_metrics: dict[str, float] = {}
+        self.callback_metrics: dict[str, Any] = {}
         self.logged_metrics: dict = {}
         self.progress_bar_metrics: dict = {}
 
@@ -439,7 +439,7 @@ class _Simulation:
                 hook(opt, (), {})
             if self._step_lrs[i] is None:  # the first real step of this call is the one the trainer would time
                 self._step_lrs[i] = [float(g["lr"]) for g in opt.param_groups]
-            opt._opt_called = True  # tells torch schedulers the optimizer stepped (no order warning)
+            opt._opt_called = True  # type: ignore[attr-defined]  # tells torch schedulers the optimizer stepped (no order warning)
             for hook in list(opt._optimizer_step_post_hooks.values()):
                 hook(opt, (), {})
 
@@ -496,7 +496,8 @@ class _Simulation:
         if metric is None:
             return
         for i, cfg in enumerate(self.config.schedulers):
-            if cfg.reduce_on_plateau and cfg in self.runner.epoch_schedulers:
+            # a plateau scheduler always has a monitor (optim.py refuses one without)
+            if cfg.reduce_on_plateau and cfg.monitor is not None and cfg in self.runner.epoch_schedulers:
                 fn = metric.get(cfg.monitor) if isinstance(metric, Mapping) else metric
                 if fn is None:
                     continue  # SchedulerRunner then reports the missing monitor as the trainer would
@@ -528,7 +529,7 @@ def _no_closure() -> torch.Tensor:
     return torch.zeros(())
 
 
-def _describe_source(metric: Any, monitor: str) -> str:
+def _describe_source(metric: Any, monitor: str | None) -> str:
     describe = getattr(metric, "describe", None)
     if callable(describe):
         return describe(monitor)

@@ -250,7 +250,7 @@ def _plot_families(
 
 def _plot_lrs(plt: Any, series: dict, names: list[str], epoch_starts: list, title: str, path: str) -> None:
     fig, ax = plt.subplots(figsize=(8, 4.2))
-    values_all = []
+    values_all: list[float] = []
     for name in names:
         steps, values = zip(*series[name])
         values_all.extend(values)

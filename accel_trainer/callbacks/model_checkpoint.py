@@ -159,7 +159,7 @@ class ModelCheckpoint(Callback):
                 keep = self.save_top_k if self.save_top_k > 0 else len(self._recent)
                 while len(self._recent) > keep:
                     self._remove(trainer, self._recent.pop(0))
-        elif self._is_better(score, trainer) and _written(trainer.save_checkpoint(path)):
+        elif score is not None and self._is_better(score, trainer) and _written(trainer.save_checkpoint(path)):
             self.best_k_models[path] = score
             if self.save_top_k > 0 and len(self.best_k_models) > self.save_top_k:
                 worst = self._worst()
@@ -173,9 +173,15 @@ class ModelCheckpoint(Callback):
 
     def _save_last(self, trainer: Any) -> None:
         self._last_global_step_saved = trainer.global_step
-        path = os.path.join(self.dirpath, LAST_NAME)
+        path = os.path.join(self._directory(), LAST_NAME)
         if _written(trainer.save_checkpoint(path)):
             self.last_model_path = path
+
+    def _directory(self) -> str:
+        """``dirpath``, which ``setup`` fills from the trainer when it was not given."""
+        if self.dirpath is None:
+            raise RuntimeError("ModelCheckpoint saves only after setup(trainer) chose its directory")
+        return self.dirpath
 
     def _current_score(self, trainer: Any) -> float | None:
         if self.monitor is None:
@@ -209,21 +215,21 @@ class ModelCheckpoint(Callback):
 
     def _worst(self) -> str:
         pick = max if self.mode == "min" else min
-        return pick(self.best_k_models, key=self.best_k_models.get)
+        return pick(self.best_k_models, key=self.best_k_models.__getitem__)
 
     def _best(self) -> str:
         pick = min if self.mode == "min" else max
-        return pick(self.best_k_models, key=self.best_k_models.get)
+        return pick(self.best_k_models, key=self.best_k_models.__getitem__)
 
     def _format_path(self, trainer: Any, epoch: int) -> str:
         values = {"epoch": epoch, "step": trainer.global_step}
         for k, v in trainer.callback_metrics.items():
             values.setdefault(k, float(v))
         name = self._format_name(values, trainer)
-        path = os.path.join(self.dirpath, name + ".ckpt")
+        path = os.path.join(self._directory(), name + ".ckpt")
         if path in self.best_k_models or path in self._recent:
             # the same name twice (e.g. a filename without {step}): keep both distinct
-            path = os.path.join(self.dirpath, f"{name}-v{trainer.global_step}.ckpt")
+            path = os.path.join(self._directory(), f"{name}-v{trainer.global_step}.ckpt")
         return path
 
     def _format_name(self, values: dict[str, Any], trainer: Any) -> str:

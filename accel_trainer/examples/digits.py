@@ -107,13 +107,20 @@ class DigitsDataModule(DataModule):
         self.test_set = as_set(test) if len(test) else self.val_set
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers)
+        return DataLoader(_made(self.train_set), batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.batch_size * 4, num_workers=self.num_workers)
+        return DataLoader(_made(self.val_set), batch_size=self.batch_size * 4, num_workers=self.num_workers)
 
     def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.test_set, batch_size=self.batch_size * 4, num_workers=self.num_workers)
+        return DataLoader(_made(self.test_set), batch_size=self.batch_size * 4, num_workers=self.num_workers)
+
+
+def _made(dataset: TensorDataset | None) -> TensorDataset:
+    """A split of :meth:`DigitsDataModule.setup` (the trainer calls it before asking for loaders)."""
+    if dataset is None:
+        raise RuntimeError("DigitsDataModule: call setup(stage) before asking for a dataloader")
+    return dataset
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,6 +237,8 @@ class DigitsGAN(TrainingModule):
         cpu_threads: ``torch.set_num_threads`` for runs on the CPU (None: torch's default).
     """
 
+    fixed_noise: torch.Tensor  # a buffer (registered in __init__): the same noise for every epoch's samples
+
     def __init__(
         self,
         latent_dim: int = 16,
@@ -331,8 +340,10 @@ class DigitsGAN(TrainingModule):
     ) -> None:
         # the seed's warm-up (each optimizer warms up to its own base learning rate)
         warmup = self.hparams.warmup_steps
-        if warmup and self.trainer.global_step < warmup:
-            lr_scale = min(1.0, float(self.trainer.global_step + 1) / warmup)
+        assert self.trainer is not None  # optimizer_step runs inside fit
+        step = self.trainer.global_step
+        if warmup and step < warmup:
+            lr_scale = min(1.0, float(step + 1) / warmup)
             base = self.hparams.learning_rate if optimizer_i == 0 else self.hparams.d_learning_rate
             for pg in optimizer.param_groups:
                 pg["lr"] = lr_scale * base
