@@ -300,6 +300,7 @@ def test_bad_config_names_key_value_and_allowed_with_exit_code_2(tmp_path, monke
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_python_dash_m_runs_the_cli_and_a_bad_config_exits_2_without_traceback(tmp_path):
     env = {**os.environ, "WANDB_MODE": "offline"}
     ok = subprocess.run(

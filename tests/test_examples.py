@@ -66,6 +66,7 @@ def test_classifier_warmup_init_arg_reaches_the_scheduler_dict(tmp_path):
     assert trainer.lr_schedulers[0].warmup_steps == 50
 
 
+@pytest.mark.slow
 def test_gan_grids_improve_and_follow_the_seeds_stepping_schedule(tmp_path):
     epochs = 15
     trainer = Trainer(max_epochs=epochs, seed=0, cpu=True, enable_progress_bar=False, default_root_dir=str(tmp_path))

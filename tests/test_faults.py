@@ -48,6 +48,7 @@ def _wait_for(path, proc, timeout=60.0):
         time.sleep(0.02)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
 def test_preemption_signal_checkpoints_exits_75_and_resumes_exactly(tmp_path, sig):
     run_dir = tmp_path / "run"
@@ -82,6 +83,7 @@ def test_preemption_signal_checkpoints_exits_75_and_resumes_exactly(tmp_path, si
         assert torch.equal(value, resumed["params"][name]), name
 
 
+@pytest.mark.slow
 def test_sigkill_during_a_save_leaves_a_loadable_last_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
     marker = tmp_path / "saving"

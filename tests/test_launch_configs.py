@@ -78,6 +78,7 @@ def _explain(proc: subprocess.CompletedProcess) -> str:
     return f"exit code {proc.returncode}\n--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-4000:]}"
 
 
+@pytest.mark.slow
 def test_cpu_yaml_runs_one_process_end_to_end(tmp_path):
     proc, results = _launch(tmp_path, "cpu.yaml")
     assert proc.returncode == 0, _explain(proc)
@@ -89,6 +90,7 @@ def test_cpu_yaml_runs_one_process_end_to_end(tmp_path):
     assert saved["module"]["init_args"]["learning_rate"] == 0.002
 
 
+@pytest.mark.slow
 def test_cpu_ddp_yaml_forms_one_group_of_two_ranks(tmp_path):
     proc, results = _launch(tmp_path, "cpu_ddp.yaml")
     assert proc.returncode == 0, _explain(proc)

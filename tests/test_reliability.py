@@ -265,6 +265,7 @@ def test_a_checkpoint_from_before_these_records_still_resumes(tmp_path):
 
 
 # -- 4. run identity and concurrency -----------------------------------------------------------------
+@pytest.mark.slow
 def test_a_second_run_in_a_live_run_directory_is_refused_naming_the_holder(tmp_path):
     marker = tmp_path / "training"
     proc = _start(

@@ -78,6 +78,7 @@ def _explain(proc: subprocess.CompletedProcess) -> str:
     return f"exit code {proc.returncode}\n--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-4000:]}"
 
 
+@pytest.mark.slow
 def test_launch_with_accelerate_use_cpu(tmp_path):
     proc, results = _launch(tmp_path, use_cpu_env=True, trainer_cpu=True)
     assert proc.returncode == 0, _explain(proc)
@@ -87,6 +88,7 @@ def test_launch_with_accelerate_use_cpu(tmp_path):
     assert results[0]["checksum"] == results[1]["checksum"], f"parameters differ across ranks: {results}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("trainer_cpu", [False, True], ids=["Trainer()", "Trainer(cpu=True)"])
 def test_launch_without_accelerate_use_cpu_never_silently_splits(tmp_path, trainer_cpu):
     proc, results = _launch(tmp_path, use_cpu_env=False, trainer_cpu=trainer_cpu)

@@ -11,6 +11,8 @@ import os
 import subprocess
 import textwrap
 
+import pytest
+
 from .test_launch import ACCELERATE, REPO, TESTS, _LAUNCH_VARS, _free_port
 
 SCRIPT = textwrap.dedent(
@@ -74,6 +76,7 @@ def _results(out):
     return [json.load(open(f"{out}-{rank}.json")) for rank in (0, 1)]
 
 
+@pytest.mark.slow
 def test_two_nodes_equal_one_node_and_resume(tmp_path):
     script = tmp_path / "train.py"
     script.write_text(SCRIPT)
@@ -128,6 +131,7 @@ MORE_FEATURES = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_two_nodes_equal_one_node_with_accumulation_bf16_and_lbfgs(tmp_path):
     script = tmp_path / "more.py"
     script.write_text(MORE_FEATURES)

@@ -8,6 +8,8 @@ import sys
 import textwrap
 import time
 
+import pytest
+
 from .test_launch import ACCELERATE, REPO, TESTS, _LAUNCH_VARS, _free_port
 
 SCRIPT = textwrap.dedent(
@@ -62,6 +64,7 @@ def _launch(script_text: str, tmp_path) -> tuple[subprocess.CompletedProcess, fl
     return result, time.monotonic() - start
 
 
+@pytest.mark.slow
 def test_a_dead_rank_stops_the_job_and_is_named(tmp_path):
     result, elapsed = _launch(SCRIPT, tmp_path)
     output = result.stdout + result.stderr
@@ -70,6 +73,7 @@ def test_a_dead_rank_stops_the_job_and_is_named(tmp_path):
     assert "rank      : 1" in output or "rank: 1" in output, output[-3000:]
 
 
+@pytest.mark.slow
 def test_a_nonfinite_loss_on_one_rank_ends_the_job_naming_that_rank(tmp_path):
     """on_nonfinite_loss="raise" needs no per-step agreement: the raising rank's exit ends the job."""
     result, elapsed = _launch(NAN_ON_RANK_1, tmp_path)

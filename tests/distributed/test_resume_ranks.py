@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from . import resume_checks
 from .launcher import run_on_ranks
 
@@ -17,6 +19,7 @@ def test_two_rank_resume_is_bitwise_exact(tmp_path):
     run_on_ranks(resume_checks.check_two_rank_resume_is_exact, args=(str(tmp_path),))
 
 
+@pytest.mark.slow
 def test_two_rank_resume_from_validation_driven_checkpoints_is_exact(tmp_path):
     run_on_ranks(resume_checks.check_two_rank_resume_from_validation_checkpoints, args=(str(tmp_path),))
 
@@ -35,6 +38,7 @@ def test_saved_on_two_ranks_resumed_on_one(tmp_path):
     assert result["lrs"] == [[g["lr"] for g in opt.param_groups] for opt in reference.optimizers]
 
 
+@pytest.mark.slow
 def test_saved_on_one_resumed_on_two_ranks(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT")}
     subprocess.run(
