@@ -18,6 +18,7 @@ import torch
 
 from .engines import requested_engine
 from .errors import ConfigurationError
+from .internals import reset_accelerate_state, set_process_group_timeout
 
 
 def say_safely(message: str) -> None:
@@ -43,17 +44,6 @@ def explain_collective_timeout(exc: BaseException, trainer: Any) -> None:
     )
 
 
-def accelerator_present() -> bool:
-    """Whether this machine has any device besides the CPU (CUDA, MPS, XPU …)."""
-    if torch.cuda.is_available():
-        return True
-    accelerator = getattr(torch, "accelerator", None)
-    if accelerator is not None and hasattr(accelerator, "is_available"):
-        return bool(accelerator.is_available())
-    mps = getattr(torch.backends, "mps", None)
-    return bool(mps is not None and mps.is_available())
-
-
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices) through Accelerate's ``set_seed``."""
     from accelerate.utils import set_seed
@@ -64,13 +54,10 @@ def seed_everything(seed: int) -> None:
 def make_accelerator(cpu: bool, mixed_precision: str, gradient_accumulation_steps: int, collective_timeout: float | None = None) -> Any:
     """The ``Accelerator`` a ``Trainer`` makes when none is passed in (the engine's, when one is requested)."""
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
 
     # A previous Trainer in this process may have fixed the precision; start from a clean
     # AcceleratorState (the process group, held by PartialState, is kept).
-    if AcceleratorState._shared_state and AcceleratorState._shared_state.get("_mixed_precision", mixed_precision) != mixed_precision:
-        AcceleratorState._reset_state(reset_partial_state=False)
-    GradientState._reset_state()
+    reset_accelerate_state(mixed_precision)
     if launched_world_size() > 1 and not cpu and not torch.cuda.is_available():
         # A multi-process launch on a machine without GPUs: join the job over gloo on CPU
         # instead of letting every process train its own world-size-1 copy.
@@ -111,18 +98,13 @@ def apply_collective_timeout(seconds: float) -> None:
         return
     from datetime import timedelta
 
-    from torch.distributed import distributed_c10d
-
-    setter = getattr(distributed_c10d, "_set_pg_timeout", None)
-    if setter is None:  # pragma: no cover - a torch without it
+    if not set_process_group_timeout(timedelta(seconds=seconds)):  # pragma: no cover - a torch without it
         warnings.warn(
             "Trainer(collective_timeout=...) could not be applied to the existing process group (this torch has no "
             "_set_pg_timeout); create the Accelerator with InitProcessGroupKwargs(timeout=...) instead.",
             UserWarning,
             stacklevel=3,
         )
-        return
-    setter(timedelta(seconds=seconds))
 
 
 def launched_world_size() -> int:

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from .errors import ConfigurationError
+from .internals import foreach_add_
 
 REDUCE_FX = ("mean", "sum", "max", "min")
 
@@ -349,7 +350,7 @@ class MetricCollector:
         self._generation += 1
         for weight, (accs, values) in pending.items():
             try:
-                torch._foreach_add_(accs, values, alpha=weight)
+                foreach_add_(accs, values, alpha=weight)
             except RuntimeError:  # e.g. a name logged as a number (CPU) and as a GPU tensor
                 for acc, value in zip(accs, values):
                     acc.add_(value.to(acc.device), alpha=weight)

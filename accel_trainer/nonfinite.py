@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from .errors import TrainingError
+from .internals import amp_foreach_non_finite_check_and_unscale_
 
 _NEXT_STEP = (
     "Pass Trainer(on_nonfinite_loss='skip') to skip such steps instead, or lower the learning rate / "
@@ -184,7 +185,7 @@ class NonFiniteGuard:
         """:meth:`check_step` for the usual CPU case (one process or DDP, "raise", or "skip" on one
         process): the same steps with everything bound once, since it runs on every step."""
         params, slots, one, view = self.params, self._slots, self._one, self._host_view
-        kernel, general, found = torch._amp_foreach_non_finite_check_and_unscale_, self.check_step, self._found
+        kernel, general, found = amp_foreach_non_finite_check_and_unscale_, self.check_step, self._found
         tensor_type = torch.Tensor
 
         def check_step(opt_idx: int, loss: torch.Tensor, where: Callable[[], dict[str, Any]]) -> bool:
@@ -234,7 +235,7 @@ class NonFiniteGuard:
             return
         if self._fused:
             try:
-                torch._amp_foreach_non_finite_check_and_unscale_(tensors, slot, self._one)
+                amp_foreach_non_finite_check_and_unscale_(tensors, slot, self._one)
                 return
             except (RuntimeError, NotImplementedError, AttributeError):  # a device without the kernel
                 self._fused = False

@@ -45,7 +45,6 @@ from __future__ import annotations
 import bisect
 import contextlib
 import functools
-import inspect
 import itertools
 import math
 import os
@@ -55,7 +54,6 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-from torch.nn.modules import module as nn_module
 
 from . import checkpoint as ckpt_io
 from . import data as data_utils
@@ -68,7 +66,15 @@ from .callbacks.early_stopping import EarlyStopping
 from .callbacks.model_checkpoint import ModelCheckpoint
 from .engines import DeepSpeedEngine, FSDPEngine, RunRequest, check_requested_engine, engine_for
 from .errors import ConfigurationError, TrainingError
-from .launching import accelerator_present as _accelerator_present
+from .internals import GLOBAL_BACKWARD_HOOKS as _GLOBAL_BACKWARD
+from .internals import GLOBAL_BACKWARD_PRE_HOOKS as _GLOBAL_BACKWARD_PRE
+from .internals import GLOBAL_FORWARD_HOOKS as _GLOBAL_POST
+from .internals import GLOBAL_FORWARD_PRE_HOOKS as _GLOBAL_PRE
+from .internals import accelerator_present as _accelerator_present  # noqa: F401 - its old home
+from .internals import cache_accelerate_availability_checks as _cache_accelerate_availability_checks
+from .internals import forward_callable_directly
+from .internals import install_fast_optimizer as _install_fast_zero_grad
+from .internals import skip_noop_placement as _skip_noop_placement
 from .launching import apply_collective_timeout as _apply_collective_timeout
 from .launching import check_launch as _check_launch
 from .launching import explain_collective_timeout as _explain_collective_timeout
@@ -102,89 +108,6 @@ from .state import TrainingState
 from .toggle import OptimizerToggle
 
 _EXHAUSTED = object()
-
-
-@functools.cache
-def _cache_accelerate_availability_checks() -> None:
-    """Cache ``accelerate.optimizer.is_lomo_available`` (done once, when the first run is set up).
-
-    ``AcceleratedOptimizer.step`` calls ``is_lomo_available()`` twice on every step, and that is
-    an uncached ``importlib.util.find_spec`` (a walk over ``sys.path`` with ``stat`` calls):
-    about 0.1 ms per step, a quarter of a tiny model's whole step on CPU. Whether a package is
-    installed cannot change during a run, so the answer is cached; only the name that
-    ``accelerate.optimizer`` looks up is replaced, nothing else in Accelerate changes.
-    """
-    try:
-        import accelerate.optimizer as accelerate_optimizer
-    except Exception:  # pragma: no cover - a very different Accelerate version
-        return
-    check = getattr(accelerate_optimizer, "is_lomo_available", None)
-    if callable(check) and not hasattr(check, "cache_info"):
-        accelerate_optimizer.is_lomo_available = functools.lru_cache(maxsize=None)(check)
-
-
-def _install_fast_zero_grad(optimizer: Any) -> None:
-    """Give one prepared ``AcceleratedOptimizer`` a ``zero_grad`` that skips ``inspect.signature``.
-
-    Accelerate's ``zero_grad`` inspects the wrapped optimizer's ``zero_grad`` signature on every
-    call (about 50 µs). The answer is fixed for a given optimizer, so it is computed once here;
-    the body is otherwise Accelerate's own: zero only when gradients sync, ``set_to_none``
-    defaulting to True when the optimizer accepts it.
-    """
-    inner = getattr(optimizer, "optimizer", None)
-    gradient_state = getattr(optimizer, "gradient_state", None)
-    if inner is None or gradient_state is None or "zero_grad" in vars(optimizer):
-        return
-    from accelerate.optimizer import AcceleratedOptimizer
-
-    if type(optimizer).zero_grad is not AcceleratedOptimizer.zero_grad:
-        return  # a subclass with its own zero_grad: leave it alone
-    try:
-        accept_arg = "set_to_none" in inspect.signature(inner.zero_grad).parameters
-    except (TypeError, ValueError):  # pragma: no cover - uninspectable builtin
-        return
-
-    def zero_grad(set_to_none: bool | None = None) -> None:
-        if gradient_state.sync_gradients:
-            if accept_arg:
-                optimizer.optimizer.zero_grad(set_to_none=True if set_to_none is None else set_to_none)
-            else:
-                if set_to_none is not None:
-                    raise ValueError("`set_to_none` for Optimizer.zero_grad` is not supported by this optimizer.")
-                optimizer.optimizer.zero_grad()
-
-    optimizer.zero_grad = zero_grad
-    _install_fast_step(optimizer, AcceleratedOptimizer)
-
-
-def _install_fast_step(optimizer: Any, accelerated_cls: type) -> None:
-    """Give a prepared ``AcceleratedOptimizer`` a ``step`` without Accelerate's per-call checks.
-
-    Without an fp16 ``GradScaler``, on anything but XLA and for optimizers other than LOMO,
-    Accelerate's ``step`` reduces to ``if gradient_state.sync_gradients: optimizer.step(closure)``,
-    but first reads an environment variable (``is_xla_gradients_synced``) and checks LOMO's
-    availability on every call. This does just the reduced body; should a scaler appear later,
-    it hands over to Accelerate's own ``step``.
-    """
-    if type(optimizer).step is not accelerated_cls.step or "step" in vars(optimizer):
-        return
-    if getattr(optimizer, "scaler", None) is not None:
-        return
-    if "XLA" in str(getattr(optimizer.accelerator_state, "distributed_type", "")):
-        return
-    inner, gradient_state = optimizer.optimizer, optimizer.gradient_state
-    if type(inner).__module__.startswith("lomo_optim"):
-        return
-    accelerated_step = accelerated_cls.step
-
-    def step(closure: Any = None) -> Any:
-        if optimizer.scaler is not None:
-            return accelerated_step(optimizer, closure)
-        if gradient_state.sync_gradients:
-            optimizer.optimizer.step(closure)  # looked up on each call: schedulers and Accelerate patch it
-        return None
-
-    optimizer.step = step
 
 
 class _ValidationInterrupted(Exception):
@@ -1959,38 +1882,10 @@ def _is_bare_dispatcher(wrapper: Any) -> bool:
     """The prepared model is our own ``_StepDispatcher``, unwrapped, its ``forward`` untouched, without hooks.
 
     That is the case on one process without mixed precision (Accelerate's ``prepare`` hands the
-    model back as it is); DDP/FSDP wrappers, Accelerate's autocast ``forward`` or a hook make it False.
+    model back as it is); DDP/FSDP wrappers, Accelerate's autocast ``forward`` or a hook make it
+    False (``internals.forward_callable_directly`` reads torch's private hook dicts).
     """
-    return (
-        type(wrapper) is _StepDispatcher
-        and "forward" not in vars(wrapper)
-        and getattr(wrapper, "_compiled_call_impl", None) is None
-        and not (wrapper._forward_hooks or wrapper._forward_pre_hooks or wrapper._backward_hooks or wrapper._backward_pre_hooks)
-    )
-
-
-# Hooks registered for every module (``torch.nn.modules.module.register_module_forward_hook`` …):
-# torch registers them into these dicts in place, so they are bound once. Calling the dispatcher
-# directly is only right while all are empty (nn.Module.__call__ would run them).
-_GLOBAL_PRE = nn_module._global_forward_pre_hooks
-_GLOBAL_POST = nn_module._global_forward_hooks
-_GLOBAL_BACKWARD_PRE = nn_module._global_backward_pre_hooks
-_GLOBAL_BACKWARD = nn_module._global_backward_hooks
-
-
-def _skip_noop_placement(loader: Any) -> None:
-    """No ``send_to_device`` per batch where it cannot move anything.
-
-    Accelerate's ``DataLoaderShard`` sends every batch to the accelerator's device (a recursive
-    walk and a ``.to()`` per tensor: 9-21 µs per batch on one CPU process, measured in
-    benchmarks/RESULTS.md). On a machine with no device besides the CPU every tensor a dataset
-    yields is already a CPU tensor, so that placement is a no-op, and the loader is told so.
-    Anywhere an accelerator exists (also with ``cpu=True``) batches are placed as Accelerate does.
-    """
-    if type(loader).__name__ != "DataLoaderShard" or getattr(loader, "device", None) is None:
-        return
-    if torch.device(loader.device).type == "cpu" and not _accelerator_present():
-        loader.device = None
+    return type(wrapper) is _StepDispatcher and forward_callable_directly(wrapper)
 
 
 def _batch_transfer_hook(module: TrainingModule, datamodule: Any) -> Callable | None:

@@ -26,6 +26,7 @@ import torch
 
 from .. import sharded_state
 from ..errors import CheckpointError, ConfigurationError
+from ..internals import metric_defaults, metric_device, restore_metric_states
 from .base import DDP_ALTERNATIVE, Engine, PayloadSource, RunRequest, refuse_deepspeed_payload
 
 _GRADS_DIR = "rank_grads"
@@ -347,7 +348,7 @@ def _metric_states_kept(module: torch.nn.Module, active: bool) -> Iterator[None]
     ``Metric`` moves its states (kept outside the state dict) to ``meta`` too, and the first
     ``compute()`` fails ("Tensor.item() cannot be called on meta tensors"). The states and
     their defaults are copied before and put back where they ended up on ``meta``. (This
-    reads torchmetrics' ``_defaults``/``_device``: the only way to restore a metric's states.)
+    reads torchmetrics' ``_defaults``/``_device``, through accel_trainer/internals.py: the only way to restore a metric's states.)
     """
     kept = []
     if active:
@@ -357,14 +358,12 @@ def _metric_states_kept(module: torch.nn.Module, active: bool) -> Iterator[None]
             Metric = ()  # type: ignore[assignment]
         for m in module.modules():
             if isinstance(m, Metric):
-                kept.append((m, copy.deepcopy(m._defaults), {k: copy.deepcopy(getattr(m, k)) for k in m._defaults}, m._device))
+                defaults = metric_defaults(m)
+                kept.append((m, copy.deepcopy(defaults), {k: copy.deepcopy(getattr(m, k)) for k in defaults}, metric_device(m)))
     yield
     for metric, defaults, states, device in kept:
-        if any(_is_meta(v) for v in metric._defaults.values()) or any(_is_meta(getattr(metric, k)) for k in states):
-            metric._defaults = defaults
-            for key, value in states.items():
-                setattr(metric, key, value)
-            metric._device = device
+        if any(_is_meta(v) for v in metric_defaults(metric).values()) or any(_is_meta(getattr(metric, k)) for k in states):
+            restore_metric_states(metric, defaults, states, device)
 
 
 def _is_meta(value: Any) -> bool:
@@ -413,8 +412,9 @@ def cpu_accelerator(**accelerator_kwargs: Any) -> Any:
         ConfigurationError: for ``fsdp_offload_params``, or when the launch has one process.
     """
     from accelerate import Accelerator
-    from accelerate.state import PartialState
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    from ..internals import switch_state_to_fsdp
 
     env = os.environ
     if env.get("FSDP_OFFLOAD_PARAMS", "false").lower() == "true":
@@ -438,14 +438,7 @@ def cpu_accelerator(**accelerator_kwargs: Any) -> Any:
             "FSDP was asked for (ACCELERATE_USE_FSDP) on a single CPU process: there is nothing to shard across, and "
             "this run would train as plain single-process. Launch with --num_processes 2 or more, or drop --use_fsdp."
         )
-    state = accelerator.state
-    state.fsdp_plugin = plugin
-    state.distributed_type = DistributedType.FSDP
-    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
-    if version == 1:
-        device = torch.device("cpu")
-        state.device = device
-        PartialState._shared_state["device"] = device
+    switch_state_to_fsdp(accelerator, plugin, torch.device("cpu") if version == 1 else None)
     return accelerator
 
 
