@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from .collectives import all_reduce_
 from .errors import ConfigurationError
 from .internals import foreach_add_
 
@@ -527,11 +528,7 @@ class MetricCollector:
     def _all_reduce(self, tensor: torch.Tensor, op: str) -> torch.Tensor:
         if self.num_processes == 1:
             return tensor
-        import torch.distributed as dist
-
-        ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
-        dist.all_reduce(tensor, op=ops[op])
-        return tensor
+        return all_reduce_(tensor, op)
 
 
 def _normalise_reduce_fx(reduce_fx: Any, name: str) -> str:

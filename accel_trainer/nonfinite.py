@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from .collectives import all_reduce_max_
 from .errors import TrainingError
 from .internals import amp_foreach_non_finite_check_and_unscale_
 
@@ -162,9 +163,7 @@ class NonFiniteGuard:
                 self.settle()
             return False
         if self.sharded and self.skip:
-            import torch.distributed as dist
-
-            dist.all_reduce(slot, op=dist.ReduceOp.MAX)  # a non-finite value is in one rank's shard only
+            all_reduce_max_(slot)  # a non-finite value is in one rank's shard only
         if self._copy_back:
             self._host[opt_idx : opt_idx + 1].copy_(slot)  # "skip" on an accelerator: one sync per step
         if not self._host_view[opt_idx]:

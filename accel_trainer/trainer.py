@@ -56,6 +56,7 @@ from typing import Any
 import torch
 
 from . import checkpoint as ckpt_io
+from . import collectives
 from . import data as data_utils
 from . import lockstep as lockstep_mod
 from . import run_status as run_records
@@ -870,17 +871,12 @@ class Trainer:
         return self.should_stop
 
     def _any_rank_each(self, *flags: bool) -> list[bool]:
-        """For each flag, whether any rank has it set (one collective for all of them)."""
-        if self.accelerator.num_processes == 1:
-            return [bool(f) for f in flags]
-        tensor = torch.tensor([float(f) for f in flags], device=self.accelerator.device)
-        return [v > 0 for v in self.accelerator.reduce(tensor, "sum").tolist()]
+        """For each flag, whether any rank has it set (one collective for all of them; every rank calls it)."""
+        return collectives.any_rank_each(self.accelerator, *flags)
 
     def _any_rank(self, flag: bool) -> bool:
-        if self.accelerator.num_processes == 1:
-            return flag
-        tensor = torch.tensor([float(flag)], device=self.accelerator.device)
-        return bool(self.accelerator.reduce(tensor, "sum").item() > 0)
+        """Whether any rank has ``flag`` set (one collective; every rank calls it)."""
+        return collectives.any_rank(self.accelerator, flag)
 
     def _monitoring_epoch_end(self) -> list[Callable]:
         cbs, _ = self._hooks._cache.get("on_train_epoch_end") or self._hooks._resolve("on_train_epoch_end")
@@ -1655,9 +1651,7 @@ class Trainer:
 
     def _gather_from_ranks(self, items: list) -> list:
         """Everything every rank passed in, in rank order (one object collective)."""
-        from accelerate.utils import gather_object
-
-        return gather_object(list(items))
+        return collectives.gather_objects(items)
 
     def _progress(self, total: Any, epoch: int, initial: int = 0) -> Any:
         return make_progress(total, epoch, self.enable_progress_bar and self.accelerator.is_main_process, initial=initial)
@@ -1688,11 +1682,7 @@ class Trainer:
     # -- rank sync ------------------------------------------------------------------------------
     def _check_rank_sync(self) -> None:
         """Compare counters and learning rates across ranks (no-op on one process)."""
-        if self.accelerator.num_processes == 1:
-            return
-        from .distributed import assert_ranks_in_sync
-
-        assert_ranks_in_sync(self)
+        collectives.check_rank_sync(self)
 
     # -- checkpoints ------------------------------------------------------------------------------
     def save_checkpoint(self, path: str | os.PathLike) -> bool:

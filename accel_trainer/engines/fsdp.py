@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from .. import sharded_state
+from ..collectives import any_process, broadcast_
 from ..errors import CheckpointError, ConfigurationError
 from ..internals import metric_defaults, metric_device, restore_metric_states
 from .base import DDP_ALTERNATIVE, Engine, PayloadSource, RunRequest, refuse_deepspeed_payload
@@ -324,19 +325,11 @@ def _save_rank_grads(directory: str, module: torch.nn.Module, rank: int) -> bool
     resume on the same number of FSDP1 processes (checked on restore).
     """
     grads = {name: p.grad.detach().clone() for name, p in module.named_parameters() if p.grad is not None}
-    any_rank = _any_rank(bool(grads))
+    any_rank = any_process(bool(grads))
     if any_rank:
         os.makedirs(os.path.join(directory, _GRADS_DIR), exist_ok=True)
         torch.save(grads, os.path.join(directory, _GRADS_DIR, f"rank-{rank:05d}.pt"))
     return any_rank
-
-
-def _any_rank(flag: bool) -> bool:
-    import torch.distributed as dist
-
-    value = torch.tensor([float(flag)])
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item() > 0)
 
 
 @contextlib.contextmanager
@@ -374,11 +367,9 @@ def _is_meta(value: Any) -> bool:
 
 def _broadcast_module_state(module: torch.nn.Module) -> None:
     """What FSDP1's ``sync_module_states`` does on GPUs: every rank starts from rank 0's weights."""
-    import torch.distributed as dist
-
     with torch.no_grad():
         for tensor in [*module.parameters(), *module.buffers()]:
-            dist.broadcast(tensor.data, src=0)
+            broadcast_(tensor.data, src=0)
 
 
 # -- FSDP on CPU -------------------------------------------------------------------------------
