@@ -332,6 +332,29 @@ def switch_state_to_fsdp(accelerator: Any, plugin: Any, device: torch.device | N
         PartialState._shared_state["device"] = device
 
 
+# -- torch.nn.parallel / torch.optim ----------------------------------------------------------------
+def ddp_ignore(module: torch.nn.Module, names: list[str]) -> None:
+    """Have DDP leave the named parameters and buffers of ``module`` out of its gradient all-reduce.
+
+    Calls ``torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model``
+    (torch 2.13; static, it only records the names on the module), the only way to keep one
+    optimizer's DDP wrapper from reducing another optimizer's parameters. (Called today from
+    ``Trainer._make_dispatchers`` directly; that call site moves here when the trainer's split lands.)
+    """
+    torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, names)
+
+
+def mark_optimizer_stepped(optimizer: torch.optim.Optimizer) -> None:
+    """Tell torch's LR schedulers that ``optimizer`` has stepped (``optimizer._opt_called = True``).
+
+    torch's ``LRScheduler`` (2.13, ``torch/optim/lr_scheduler.py``) warns "lr_scheduler.step()
+    before optimizer.step()" unless this flag is set; torch sets it on every real step. (Set
+    directly today by trainer.py's ``_mark_stepped`` and lr_schedule.py; those call sites move
+    here when the other issue-17 branches land.)
+    """
+    optimizer._opt_called = True  # type: ignore[attr-defined]
+
+
 # -- torch.distributed ------------------------------------------------------------------------------
 def set_process_group_timeout(timeout: Any) -> bool:
     """Bound the default process group's collectives by ``timeout`` (a ``timedelta``); False where torch cannot.
@@ -347,6 +370,21 @@ def set_process_group_timeout(timeout: Any) -> bool:
         return False
     setter(timeout)
     return True
+
+
+def load_dcp_unsharded(reader: Any, keys: set[str] | None) -> dict[str, Any]:
+    """A DCP checkpoint's tensors (``keys``, or all) read unsharded into this process, without a process group.
+
+    Mirrors ``torch.distributed.checkpoint.format_utils.dcp_to_torch_save`` (torch 2.13), which
+    does the same with the private ``state_dict_loader._load_state_dict`` and
+    ``default_planner._EmptyStateDictLoadPlanner`` (no public API loads into an empty state dict).
+    """
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    state: dict[str, Any] = {}
+    _load_state_dict(state, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(keys=keys), no_dist=True)
+    return state
 
 
 # -- torchmetrics -----------------------------------------------------------------------------------
@@ -379,10 +417,13 @@ __all__ = [
     "accelerator_present",
     "amp_foreach_non_finite_check_and_unscale_",
     "cache_accelerate_availability_checks",
+    "ddp_ignore",
     "fast_paths_enabled",
     "foreach_add_",
     "forward_callable_directly",
     "install_fast_optimizer",
+    "load_dcp_unsharded",
+    "mark_optimizer_stepped",
     "metric_defaults",
     "metric_device",
     "reset_accelerate_state",

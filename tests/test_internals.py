@@ -76,9 +76,28 @@ def test_private_hooks_the_trainer_relies_on_still_exist():
         assert isinstance(getattr(nn_module, name), dict)
     assert internals.foreach_add_ is torch._foreach_add_
     assert internals.amp_foreach_non_finite_check_and_unscale_ is torch._amp_foreach_non_finite_check_and_unscale_
+    from torch.distributed.checkpoint import default_planner, format_utils, state_dict_loader
+
+    assert {"storage_reader", "planner", "no_dist"} <= set(inspect.signature(state_dict_loader._load_state_dict).parameters)
+    assert "keys" in inspect.signature(default_planner._EmptyStateDictLoadPlanner).parameters
+    assert "_EmptyStateDictLoadPlanner" in inspect.getsource(format_utils.dcp_to_torch_save)
+    from torch.optim import lr_scheduler
+
+    assert "_opt_called" in inspect.getsource(lr_scheduler)
     lin = torch.nn.Linear(2, 2)
+    internals.ddp_ignore(lin, ["bias"])
+    assert lin._ddp_params_and_buffers_to_ignore == ["bias"]
     for name in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks", "_compiled_call_impl"):
         assert hasattr(lin, name)
+
+
+def test_a_scheduler_after_mark_optimizer_stepped_does_not_warn():
+    opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, 1)
+    internals.mark_optimizer_stepped(opt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scheduler.step()
 
 
 def test_torchmetrics_private_state_is_where_fsdp_engine_reads_it():
