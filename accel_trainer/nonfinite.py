@@ -112,7 +112,7 @@ class NonFiniteGuard:
         self._local: bool | None = None  # gradients are DTensors (FSDP2): check this rank's shards
         self.skipped = 0
         if on_host and not self.deferred and check_gradients and not self.poison_backward and not self.sharded:
-            self.check_step = self._host_check_step()  # type: ignore[method-assign]
+            self.check_step = self._host_check_step()  # type: ignore[method-assign,assignment]
 
     # -- each step ------------------------------------------------------------------------------
     def backward_kwargs(self, loss: torch.Tensor) -> dict[str, Any]:
@@ -148,7 +148,7 @@ class NonFiniteGuard:
                 if self._local is None and grads:
                     self._local = type(grads[0]).__name__ == "DTensor"
                 if self._local:
-                    grads = [g.to_local() for g in grads]
+                    grads = [g.to_local() for g in grads]  # type: ignore[attr-defined]  # DTensors
                 if i == 0 and not self.poison_backward:
                     if self._on_host:
                         grads.append(loss)  # the CPU kernel takes any dtypes in one call
@@ -256,7 +256,7 @@ class NonFiniteGuard:
             if g is None:
                 continue
             if type(g).__name__ == "DTensor":
-                g = g.to_local()
+                g = g.to_local()  # type: ignore[attr-defined]  # a DTensor
             if not bool(torch.isfinite(g).all()):
                 bad.append(names.get(id(p), f"<parameter {tuple(p.shape)}>"))
         return bad
@@ -323,7 +323,7 @@ def _host_buffer(n: int, device: torch.device) -> torch.Tensor:
 
 def _copy_async(host: torch.Tensor, flags: torch.Tensor) -> Any:
     """Start copying ``flags`` into ``host``; returns an event to wait on (None: the copy already waited)."""
-    event_cls = torch.cuda.Event if flags.device.type == "cuda" else getattr(torch, "Event", None)
+    event_cls: Any = torch.cuda.Event if flags.device.type == "cuda" else getattr(torch, "Event", None)
     if event_cls is None or not host.is_pinned():
         host.copy_(flags)  # no way to wait for this copy alone: a plain (waiting) copy
         return None

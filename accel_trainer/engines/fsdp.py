@@ -229,7 +229,7 @@ class FSDPEngine(Engine):
 
         autocast = get_mixed_precision_context_manager(acc.native_amp, acc.autocast_handler)
         wrapper.forward = convert_outputs_to_fp32(autocast(wrapper.forward))
-        wrapper._accel_trainer_autocast = True
+        setattr(wrapper, "_accel_trainer_autocast", True)  # noqa: B010 - a plain flag, not a Module attribute
 
     def clip_gradients(self, optimizer: Any, params: list, wrapped: torch.nn.Module, n_optimizers: int, max_norm: float, algorithm: str) -> None:
         acc = self.accelerator
@@ -311,6 +311,7 @@ class FSDPEngine(Engine):
                 f"they resume only under fsdp_version 1 on {meta.get('world_size')} processes (this run: "
                 f"fsdp_version {self.version}, {acc.num_processes} processes)."
             )
+        assert source.shards is not None  # carried gradients are only ever saved with sharded state
         path = os.path.join(source.shards, _GRADS_DIR, f"rank-{acc.process_index:05d}.pt")
         local = torch.load(path, map_location="cpu", weights_only=True)
         for name, p in module.named_parameters():
@@ -348,7 +349,7 @@ def _metric_states_kept(module: torch.nn.Module, active: bool) -> Iterator[None]
         try:
             from torchmetrics import Metric
         except ImportError:  # pragma: no cover - torchmetrics is a dependency
-            Metric = ()  # type: ignore[assignment]
+            Metric = ()  # type: ignore[assignment,misc]
         for m in module.modules():
             if isinstance(m, Metric):
                 defaults = metric_defaults(m)
