@@ -208,12 +208,12 @@ def test_prepared_optimizer_pickles_and_deep_copies():
         assert not torch.equal(params[0], before)
 
 
-def test_optimizers_of_a_fit_are_fast_picklable_and_accelerate_is_not_patched():
+def test_optimizers_of_a_fit_are_fast_picklable_and_accelerate_is_not_patched(tmp_path):
     import accelerate.optimizer as accelerate_optimizer
 
     check = accelerate_optimizer.is_lomo_available
     module = Regressor()
-    trainer = Trainer(max_epochs=1, cpu=True, enable_progress_bar=False, default_root_dir="/tmp/accel_trainer_internals_runs")
+    trainer = Trainer(max_epochs=1, cpu=True, enable_progress_bar=False, default_root_dir=str(tmp_path))
     trainer.fit(module, loader())
     assert accelerate_optimizer.is_lomo_available is check  # nothing process-wide replaced
     (opt,) = trainer.optimizers
