@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .collectives import gather
 from .errors import RankDesyncError
 from .optim import unwrap_optimizer
 
@@ -38,12 +39,12 @@ def assert_ranks_in_sync(trainer: Trainer) -> None:
     names, values = fingerprint(trainer)
     # The fingerprint's length itself must agree before the values can be gathered.
     length = torch.tensor([float(len(values))], dtype=torch.float64, device=accelerator.device)
-    lengths = accelerator.gather(length).cpu()
+    lengths = gather(accelerator, length).cpu()
     if not torch.all(lengths == lengths[0]):
         raise RankDesyncError(
             f"Ranks disagree on the number of optimizers/param groups: {lengths.tolist()} values per rank."
         )
-    gathered = accelerator.gather(values.to(accelerator.device)).cpu().view(accelerator.num_processes, -1)
+    gathered = gather(accelerator, values.to(accelerator.device)).cpu().view(accelerator.num_processes, -1)
     differing = []
     for j, name in enumerate(names):
         column = gathered[:, j]

@@ -189,4 +189,4 @@ def _feed_tensor(h: Any, tensor: torch.Tensor) -> None:
     if t.numel() == 0:
         return
     data = t.cpu().contiguous().reshape(-1).view(torch.uint8)
-    h.update(memoryview(data.numpy()))
+    h.update(data.numpy().data)  # the buffer itself (a memoryview), no copy

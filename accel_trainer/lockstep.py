@@ -42,12 +42,12 @@ def agree_on_batch_counts(counts: list[int], accelerator: Any) -> tuple[list[int
     is the lowest rank whose every loader has at least one batch, or None when every rank
     does (then each rank slices its own first batch for its fillers).
     """
-    import torch.distributed as dist
+    from .collectives import all_reduce_max_
 
     rank, world = accelerator.process_index, accelerator.num_processes
     has_all = all(c > 0 for c in counts)
     values = torch.tensor([float(c) for c in counts] + [float(world - rank if has_all else 0), float(0 if has_all else 1)])
-    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    all_reduce_max_(values)
     targets = [int(v) for v in values[: len(counts)].tolist()]
     someone_empty = values[-1].item() > 0
     source = world - int(values[-2].item()) if someone_empty else None
@@ -56,11 +56,10 @@ def agree_on_batch_counts(counts: list[int], accelerator: Any) -> tuple[list[int
 
 def share_template(batch: Any, source: int, accelerator: Any) -> Any:
     """The empty filler batch of rank ``source`` on every rank (for ranks without any batch)."""
-    from accelerate.utils import broadcast_object_list
+    from .collectives import broadcast_objects
 
     holder = [empty_like(batch) if accelerator.process_index == source else None]
-    broadcast_object_list(holder, from_process=source)
-    return holder[0]
+    return broadcast_objects(holder, from_process=source)[0]
 
 
 def run_fillers(forward: Any, step_name: str, template: Any, first_index: int, count: int, extra: tuple, metrics: Any, stop: Any = None) -> bool:

@@ -27,7 +27,9 @@ from typing import Any
 
 import torch
 
+from .collectives import all_reduce_
 from .errors import ConfigurationError
+from .internals import foreach_add_
 
 REDUCE_FX = ("mean", "sum", "max", "min")
 
@@ -349,7 +351,7 @@ class MetricCollector:
         self._generation += 1
         for weight, (accs, values) in pending.items():
             try:
-                torch._foreach_add_(accs, values, alpha=weight)
+                foreach_add_(accs, values, alpha=weight)
             except RuntimeError:  # e.g. a name logged as a number (CPU) and as a GPU tensor
                 for acc, value in zip(accs, values):
                     acc.add_(value.to(acc.device), alpha=weight)
@@ -526,11 +528,7 @@ class MetricCollector:
     def _all_reduce(self, tensor: torch.Tensor, op: str) -> torch.Tensor:
         if self.num_processes == 1:
             return tensor
-        import torch.distributed as dist
-
-        ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
-        dist.all_reduce(tensor, op=ops[op])
-        return tensor
+        return all_reduce_(tensor, op)
 
 
 def _normalise_reduce_fx(reduce_fx: Any, name: str) -> str:

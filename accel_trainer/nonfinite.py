@@ -41,7 +41,9 @@ from typing import Any
 
 import torch
 
+from .collectives import all_reduce_max_
 from .errors import TrainingError
+from .internals import amp_foreach_non_finite_check_and_unscale_
 
 _NEXT_STEP = (
     "Pass Trainer(on_nonfinite_loss='skip') to skip such steps instead, or lower the learning rate / "
@@ -110,7 +112,7 @@ class NonFiniteGuard:
         self._local: bool | None = None  # gradients are DTensors (FSDP2): check this rank's shards
         self.skipped = 0
         if on_host and not self.deferred and check_gradients and not self.poison_backward and not self.sharded:
-            self.check_step = self._host_check_step()  # type: ignore[method-assign]
+            self.check_step = self._host_check_step()  # type: ignore[method-assign,assignment]
 
     # -- each step ------------------------------------------------------------------------------
     def backward_kwargs(self, loss: torch.Tensor) -> dict[str, Any]:
@@ -146,7 +148,7 @@ class NonFiniteGuard:
                 if self._local is None and grads:
                     self._local = type(grads[0]).__name__ == "DTensor"
                 if self._local:
-                    grads = [g.to_local() for g in grads]
+                    grads = [g.to_local() for g in grads]  # type: ignore[attr-defined]  # DTensors
                 if i == 0 and not self.poison_backward:
                     if self._on_host:
                         grads.append(loss)  # the CPU kernel takes any dtypes in one call
@@ -161,9 +163,7 @@ class NonFiniteGuard:
                 self.settle()
             return False
         if self.sharded and self.skip:
-            import torch.distributed as dist
-
-            dist.all_reduce(slot, op=dist.ReduceOp.MAX)  # a non-finite value is in one rank's shard only
+            all_reduce_max_(slot)  # a non-finite value is in one rank's shard only
         if self._copy_back:
             self._host[opt_idx : opt_idx + 1].copy_(slot)  # "skip" on an accelerator: one sync per step
         if not self._host_view[opt_idx]:
@@ -184,7 +184,7 @@ class NonFiniteGuard:
         """:meth:`check_step` for the usual CPU case (one process or DDP, "raise", or "skip" on one
         process): the same steps with everything bound once, since it runs on every step."""
         params, slots, one, view = self.params, self._slots, self._one, self._host_view
-        kernel, general, found = torch._amp_foreach_non_finite_check_and_unscale_, self.check_step, self._found
+        kernel, general, found = amp_foreach_non_finite_check_and_unscale_, self.check_step, self._found
         tensor_type = torch.Tensor
 
         def check_step(opt_idx: int, loss: torch.Tensor, where: Callable[[], dict[str, Any]]) -> bool:
@@ -234,7 +234,7 @@ class NonFiniteGuard:
             return
         if self._fused:
             try:
-                torch._amp_foreach_non_finite_check_and_unscale_(tensors, slot, self._one)
+                amp_foreach_non_finite_check_and_unscale_(tensors, slot, self._one)
                 return
             except (RuntimeError, NotImplementedError, AttributeError):  # a device without the kernel
                 self._fused = False
@@ -256,7 +256,7 @@ class NonFiniteGuard:
             if g is None:
                 continue
             if type(g).__name__ == "DTensor":
-                g = g.to_local()
+                g = g.to_local()  # type: ignore[attr-defined]  # a DTensor
             if not bool(torch.isfinite(g).all()):
                 bad.append(names.get(id(p), f"<parameter {tuple(p.shape)}>"))
         return bad
@@ -323,7 +323,7 @@ def _host_buffer(n: int, device: torch.device) -> torch.Tensor:
 
 def _copy_async(host: torch.Tensor, flags: torch.Tensor) -> Any:
     """Start copying ``flags`` into ``host``; returns an event to wait on (None: the copy already waited)."""
-    event_cls = torch.cuda.Event if flags.device.type == "cuda" else getattr(torch, "Event", None)
+    event_cls: Any = torch.cuda.Event if flags.device.type == "cuda" else getattr(torch, "Event", None)
     if event_cls is None or not host.is_pinned():
         host.copy_(flags)  # no way to wait for this copy alone: a plain (waiting) copy
         return None

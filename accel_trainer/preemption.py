@@ -303,12 +303,13 @@ class PreemptionPoll:
         import time
 
         import torch
-        import torch.distributed as dist
+
+        from .collectives import all_reduce_max_
 
         now = time.perf_counter()
         # MAX of [flag, -proposal] gives "any rank" and the smallest proposal in one collective.
         values = torch.tensor([float(requested), -float(self.proposal(global_step, now))], device=device)
-        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+        all_reduce_max_(values)
         flag, negative_interval = values.tolist()
         self.next_step = global_step + max(1, int(-negative_interval))
         self._last = (global_step, now)

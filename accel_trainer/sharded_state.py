@@ -179,17 +179,15 @@ def read_full_state(directory: str, prefixes: Sequence[str] | None = None) -> di
     never used while training. The result is nested as it was saved.
     """
     from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    from .internals import load_dcp_unsharded
 
     reader = FileSystemReader(directory)
     keys = None
     if prefixes is not None:
         metadata = reader.read_metadata()
         keys = {k for k in metadata.state_dict_metadata if any(k.startswith(p) for p in prefixes)}
-    state: dict[str, Any] = {}
-    _load_state_dict(state, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(keys=keys), no_dist=True)
-    return state
+    return load_dcp_unsharded(reader, keys)
 
 
 def saved_keys(directory: str) -> set[str]:

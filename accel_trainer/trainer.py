@@ -45,7 +45,6 @@ from __future__ import annotations
 import bisect
 import contextlib
 import functools
-import inspect
 import itertools
 import math
 import os
@@ -55,21 +54,39 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-from torch.nn.modules import module as nn_module
 
 from . import checkpoint as ckpt_io
+from . import collectives
 from . import data as data_utils
 from . import lockstep as lockstep_mod
 from . import run_status as run_records
+from .arguments import CLIP_ALGORITHMS, MIXED_PRECISION, NONFINITE_POLICIES  # noqa: F401 - their old home
+from .arguments import validate_trainer_args as _validate_trainer_args
 from .callbacks.base import Callback
 from .callbacks.early_stopping import EarlyStopping
 from .callbacks.model_checkpoint import ModelCheckpoint
-from .engines import DeepSpeedEngine, FSDPEngine, RunRequest, check_requested_engine, engine_for, requested_engine
+from .engines import DeepSpeedEngine, FSDPEngine, RunRequest, check_requested_engine, engine_for
 from .errors import ConfigurationError, TrainingError
+from .internals import GLOBAL_BACKWARD_HOOKS as _GLOBAL_BACKWARD
+from .internals import GLOBAL_BACKWARD_PRE_HOOKS as _GLOBAL_BACKWARD_PRE
+from .internals import GLOBAL_FORWARD_HOOKS as _GLOBAL_POST
+from .internals import GLOBAL_FORWARD_PRE_HOOKS as _GLOBAL_PRE
+from .internals import accelerator_present as _accelerator_present  # noqa: F401 - its old home
+from .internals import cache_accelerate_availability_checks as _cache_accelerate_availability_checks
+from .internals import forward_callable_directly
+from .internals import install_fast_optimizer as _install_fast_zero_grad
+from .internals import skip_noop_placement as _skip_noop_placement
+from .launching import apply_collective_timeout as _apply_collective_timeout
+from .launching import check_launch as _check_launch
+from .launching import explain_collective_timeout as _explain_collective_timeout
+from .launching import launched_world_size as _launched_world_size  # noqa: F401 - its old home
+from .launching import make_accelerator as _make_accelerator
+from .launching import seed_everything as _seed_everything
+from .launching import settle_collectives_at_exit as _settle_collectives_at_exit
+from .launching import warn_if_restarts_cannot_reconnect as _warn_if_restarts_cannot_reconnect
 from .loggers import CSVTracker, LoggerView, build_trackers, log_hyperparams, normalise_log_with, tracker_name
 from .metrics import MetricCollector
 from .migration import (
-    accelerator_string_message,
     check_eval_step_signature,
     check_precision_device,
     check_training_step_signature,
@@ -91,93 +108,7 @@ from .scheduling import SchedulerRunner, StepTracker
 from .state import TrainingState
 from .toggle import OptimizerToggle
 
-MIXED_PRECISION = ("no", "bf16", "fp16")
 _EXHAUSTED = object()
-CLIP_ALGORITHMS = ("norm", "value")
-NONFINITE_POLICIES = ("raise", "skip")
-
-
-@functools.cache
-def _cache_accelerate_availability_checks() -> None:
-    """Cache ``accelerate.optimizer.is_lomo_available`` (done once, when the first run is set up).
-
-    ``AcceleratedOptimizer.step`` calls ``is_lomo_available()`` twice on every step, and that is
-    an uncached ``importlib.util.find_spec`` (a walk over ``sys.path`` with ``stat`` calls):
-    about 0.1 ms per step, a quarter of a tiny model's whole step on CPU. Whether a package is
-    installed cannot change during a run, so the answer is cached; only the name that
-    ``accelerate.optimizer`` looks up is replaced, nothing else in Accelerate changes.
-    """
-    try:
-        import accelerate.optimizer as accelerate_optimizer
-    except Exception:  # pragma: no cover - a very different Accelerate version
-        return
-    check = getattr(accelerate_optimizer, "is_lomo_available", None)
-    if callable(check) and not hasattr(check, "cache_info"):
-        accelerate_optimizer.is_lomo_available = functools.lru_cache(maxsize=None)(check)
-
-
-def _install_fast_zero_grad(optimizer: Any) -> None:
-    """Give one prepared ``AcceleratedOptimizer`` a ``zero_grad`` that skips ``inspect.signature``.
-
-    Accelerate's ``zero_grad`` inspects the wrapped optimizer's ``zero_grad`` signature on every
-    call (about 50 µs). The answer is fixed for a given optimizer, so it is computed once here;
-    the body is otherwise Accelerate's own: zero only when gradients sync, ``set_to_none``
-    defaulting to True when the optimizer accepts it.
-    """
-    inner = getattr(optimizer, "optimizer", None)
-    gradient_state = getattr(optimizer, "gradient_state", None)
-    if inner is None or gradient_state is None or "zero_grad" in vars(optimizer):
-        return
-    from accelerate.optimizer import AcceleratedOptimizer
-
-    if type(optimizer).zero_grad is not AcceleratedOptimizer.zero_grad:
-        return  # a subclass with its own zero_grad: leave it alone
-    try:
-        accept_arg = "set_to_none" in inspect.signature(inner.zero_grad).parameters
-    except (TypeError, ValueError):  # pragma: no cover - uninspectable builtin
-        return
-
-    def zero_grad(set_to_none: bool | None = None) -> None:
-        if gradient_state.sync_gradients:
-            if accept_arg:
-                optimizer.optimizer.zero_grad(set_to_none=True if set_to_none is None else set_to_none)
-            else:
-                if set_to_none is not None:
-                    raise ValueError("`set_to_none` for Optimizer.zero_grad` is not supported by this optimizer.")
-                optimizer.optimizer.zero_grad()
-
-    optimizer.zero_grad = zero_grad
-    _install_fast_step(optimizer, AcceleratedOptimizer)
-
-
-def _install_fast_step(optimizer: Any, accelerated_cls: type) -> None:
-    """Give a prepared ``AcceleratedOptimizer`` a ``step`` without Accelerate's per-call checks.
-
-    Without an fp16 ``GradScaler``, on anything but XLA and for optimizers other than LOMO,
-    Accelerate's ``step`` reduces to ``if gradient_state.sync_gradients: optimizer.step(closure)``,
-    but first reads an environment variable (``is_xla_gradients_synced``) and checks LOMO's
-    availability on every call. This does just the reduced body; should a scaler appear later,
-    it hands over to Accelerate's own ``step``.
-    """
-    if type(optimizer).step is not accelerated_cls.step or "step" in vars(optimizer):
-        return
-    if getattr(optimizer, "scaler", None) is not None:
-        return
-    if "XLA" in str(getattr(optimizer.accelerator_state, "distributed_type", "")):
-        return
-    inner, gradient_state = optimizer.optimizer, optimizer.gradient_state
-    if type(inner).__module__.startswith("lomo_optim"):
-        return
-    accelerated_step = accelerated_cls.step
-
-    def step(closure: Any = None) -> Any:
-        if optimizer.scaler is not None:
-            return accelerated_step(optimizer, closure)
-        if gradient_state.sync_gradients:
-            optimizer.optimizer.step(closure)  # looked up on each call: schedulers and Accelerate patch it
-        return None
-
-    optimizer.step = step
 
 
 class _ValidationInterrupted(Exception):
@@ -940,17 +871,12 @@ class Trainer:
         return self.should_stop
 
     def _any_rank_each(self, *flags: bool) -> list[bool]:
-        """For each flag, whether any rank has it set (one collective for all of them)."""
-        if self.accelerator.num_processes == 1:
-            return [bool(f) for f in flags]
-        tensor = torch.tensor([float(f) for f in flags], device=self.accelerator.device)
-        return [v > 0 for v in self.accelerator.reduce(tensor, "sum").tolist()]
+        """For each flag, whether any rank has it set (one collective for all of them; every rank calls it)."""
+        return collectives.any_rank_each(self.accelerator, *flags)
 
     def _any_rank(self, flag: bool) -> bool:
-        if self.accelerator.num_processes == 1:
-            return flag
-        tensor = torch.tensor([float(flag)], device=self.accelerator.device)
-        return bool(self.accelerator.reduce(tensor, "sum").item() > 0)
+        """Whether any rank has ``flag`` set (one collective; every rank calls it)."""
+        return collectives.any_rank(self.accelerator, flag)
 
     def _monitoring_epoch_end(self) -> list[Callable]:
         cbs, _ = self._hooks._cache.get("on_train_epoch_end") or self._hooks._resolve("on_train_epoch_end")
@@ -1725,9 +1651,7 @@ class Trainer:
 
     def _gather_from_ranks(self, items: list) -> list:
         """Everything every rank passed in, in rank order (one object collective)."""
-        from accelerate.utils import gather_object
-
-        return gather_object(list(items))
+        return collectives.gather_objects(items)
 
     def _progress(self, total: Any, epoch: int, initial: int = 0) -> Any:
         return make_progress(total, epoch, self.enable_progress_bar and self.accelerator.is_main_process, initial=initial)
@@ -1758,11 +1682,7 @@ class Trainer:
     # -- rank sync ------------------------------------------------------------------------------
     def _check_rank_sync(self) -> None:
         """Compare counters and learning rates across ranks (no-op on one process)."""
-        if self.accelerator.num_processes == 1:
-            return
-        from .distributed import assert_ranks_in_sync
-
-        assert_ranks_in_sync(self)
+        collectives.check_rank_sync(self)
 
     # -- checkpoints ------------------------------------------------------------------------------
     def save_checkpoint(self, path: str | os.PathLike) -> bool:
@@ -1901,95 +1821,6 @@ def _say_safely(message: str) -> None:
         pass
 
 
-def _explain_collective_timeout(exc: BaseException, trainer: Trainer) -> None:
-    """One line saying what a collective that timed out means (the exception itself is torch's)."""
-    text = str(exc)
-    if not isinstance(exc, RuntimeError) or not ("Timed out" in text or "timed out" in text or "Timeout" in text):
-        return
-    if trainer.accelerator.num_processes < 2:
-        return
-    bound = trainer.collective_timeout
-    setting = f"collective_timeout={bound:g} s" if bound else "torch's default timeout (collective_timeout=None)"
-    _say_safely(
-        f"accel_trainer: rank {trainer.accelerator.process_index}: a collective timed out after {setting}: another "
-        "rank did not reach it (it hangs, or died without the launcher noticing). Its traceback, if any, says where."
-    )
-
-
-def _validate_trainer_args(args: dict[str, Any]) -> None:
-    """One check per argument, run before anything else (Raises: ConfigurationError)."""
-
-    def fail(name: str, allowed: str) -> None:
-        raise ConfigurationError(f"Trainer({name}={args[name]!r}) is not allowed: {allowed}.")
-
-    def is_int(v: Any) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
-
-    if args["max_epochs"] is not None and not (is_int(args["max_epochs"]) and args["max_epochs"] >= 0):
-        fail("max_epochs", "expected None or an int >= 0")
-    if not (is_int(args["max_steps"]) and args["max_steps"] >= -1):
-        fail("max_steps", "expected -1 (no limit) or an int >= 0")
-    if args["mixed_precision"] not in MIXED_PRECISION:
-        fail("mixed_precision", f"expected one of {list(MIXED_PRECISION)}")
-    if not (is_int(args["gradient_accumulation_steps"]) and args["gradient_accumulation_steps"] >= 1):
-        fail("gradient_accumulation_steps", "expected an int >= 1")
-    clip = args["gradient_clip_val"]
-    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip <= 0):
-        fail("gradient_clip_val", "expected None or a number > 0")
-    if args["gradient_clip_algorithm"] not in CLIP_ALGORITHMS:
-        fail("gradient_clip_algorithm", f"expected one of {list(CLIP_ALGORITHMS)}")
-    for name in ("limit_train_batches", "limit_val_batches"):
-        v = args[name]
-        if v is None:
-            continue
-        if isinstance(v, float) and 0.0 <= v <= 1.0:
-            continue
-        if is_int(v) and v >= 0:
-            continue
-        fail(name, "expected None, a float fraction in [0, 1] or an int number of batches >= 0")
-    v = args["val_check_interval"]
-    if not ((isinstance(v, float) and 0.0 < v <= 1.0) or (is_int(v) and v >= 1)):
-        fail("val_check_interval", "expected a float fraction in (0, 1] or an int number of batches >= 1")
-    if not (is_int(args["check_val_every_n_epoch"]) and args["check_val_every_n_epoch"] >= 1):
-        fail("check_val_every_n_epoch", "expected an int >= 1")
-    if not (is_int(args["num_sanity_val_steps"]) and args["num_sanity_val_steps"] >= 0):
-        fail("num_sanity_val_steps", "expected an int >= 0")
-    if not (is_int(args["log_every_n_steps"]) and args["log_every_n_steps"] >= 1):
-        fail("log_every_n_steps", "expected an int >= 1")
-    if args["on_nonfinite_loss"] not in NONFINITE_POLICIES:
-        fail("on_nonfinite_loss", f"expected one of {list(NONFINITE_POLICIES)}")
-    n = args["check_rank_sync_every_n_steps"]
-    if n is not None and not (is_int(n) and n >= 1):
-        fail("check_rank_sync_every_n_steps", "expected None (once per epoch) or an int >= 1")
-    timeout = args["collective_timeout"]
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0 or timeout == math.inf):
-        fail("collective_timeout", "expected None (torch's default) or a number of seconds > 0")
-    if args["seed"] is not None and not is_int(args["seed"]):
-        fail("seed", "expected None or an int")
-    callbacks = args["callbacks"]
-    if callbacks is not None:
-        if not isinstance(callbacks, (list, tuple)):
-            fail("callbacks", "expected a list of accel_trainer.Callback")
-        for cb in callbacks:
-            if not isinstance(cb, Callback):
-                raise ConfigurationError(
-                    f"Trainer(callbacks=[...]) contains a {type(cb).__name__}; every callback must subclass accel_trainer.Callback."
-                )
-    for name in ("cpu", "enable_progress_bar"):
-        if not isinstance(args[name], bool):
-            fail(name, "expected True or False")
-    root = args["default_root_dir"]
-    if not isinstance(root, (str, os.PathLike)) or not os.fspath(root):
-        fail("default_root_dir", "expected a non-empty path (str or os.PathLike)")
-    if not isinstance(args["project_name"], str) or not args["project_name"]:
-        fail("project_name", "expected a non-empty str")
-    acc = args["accelerator"]
-    if isinstance(acc, str):
-        raise ConfigurationError(accelerator_string_message(acc))
-    if acc is not None and not hasattr(acc, "prepare"):
-        fail("accelerator", "expected None or an accelerate.Accelerator")
-
-
 def _mark_stepped(optimizers: list, steps: list[int]) -> None:
     """Tell torch's schedulers that the optimizers which stepped before a checkpoint did step.
 
@@ -2041,49 +1872,10 @@ def _is_bare_dispatcher(wrapper: Any) -> bool:
     """The prepared model is our own ``_StepDispatcher``, unwrapped, its ``forward`` untouched, without hooks.
 
     That is the case on one process without mixed precision (Accelerate's ``prepare`` hands the
-    model back as it is); DDP/FSDP wrappers, Accelerate's autocast ``forward`` or a hook make it False.
+    model back as it is); DDP/FSDP wrappers, Accelerate's autocast ``forward`` or a hook make it
+    False (``internals.forward_callable_directly`` reads torch's private hook dicts).
     """
-    return (
-        type(wrapper) is _StepDispatcher
-        and "forward" not in vars(wrapper)
-        and getattr(wrapper, "_compiled_call_impl", None) is None
-        and not (wrapper._forward_hooks or wrapper._forward_pre_hooks or wrapper._backward_hooks or wrapper._backward_pre_hooks)
-    )
-
-
-# Hooks registered for every module (``torch.nn.modules.module.register_module_forward_hook`` …):
-# torch registers them into these dicts in place, so they are bound once. Calling the dispatcher
-# directly is only right while all are empty (nn.Module.__call__ would run them).
-_GLOBAL_PRE = nn_module._global_forward_pre_hooks
-_GLOBAL_POST = nn_module._global_forward_hooks
-_GLOBAL_BACKWARD_PRE = nn_module._global_backward_pre_hooks
-_GLOBAL_BACKWARD = nn_module._global_backward_hooks
-
-
-def _accelerator_present() -> bool:
-    """Whether this machine has any device besides the CPU (CUDA, MPS, XPU …)."""
-    if torch.cuda.is_available():
-        return True
-    accelerator = getattr(torch, "accelerator", None)
-    if accelerator is not None and hasattr(accelerator, "is_available"):
-        return bool(accelerator.is_available())
-    mps = getattr(torch.backends, "mps", None)
-    return bool(mps is not None and mps.is_available())
-
-
-def _skip_noop_placement(loader: Any) -> None:
-    """No ``send_to_device`` per batch where it cannot move anything.
-
-    Accelerate's ``DataLoaderShard`` sends every batch to the accelerator's device (a recursive
-    walk and a ``.to()`` per tensor: 9-21 µs per batch on one CPU process, measured in
-    benchmarks/RESULTS.md). On a machine with no device besides the CPU every tensor a dataset
-    yields is already a CPU tensor, so that placement is a no-op, and the loader is told so.
-    Anywhere an accelerator exists (also with ``cpu=True``) batches are placed as Accelerate does.
-    """
-    if type(loader).__name__ != "DataLoaderShard" or getattr(loader, "device", None) is None:
-        return
-    if torch.device(loader.device).type == "cpu" and not _accelerator_present():
-        loader.device = None
+    return type(wrapper) is _StepDispatcher and forward_callable_directly(wrapper)
 
 
 def _batch_transfer_hook(module: TrainingModule, datamodule: Any) -> Callable | None:
@@ -2094,145 +1886,3 @@ def _batch_transfer_hook(module: TrainingModule, datamodule: Any) -> Callable | 
     if type(module).on_after_batch_transfer is not TrainingModule.on_after_batch_transfer:
         return module.on_after_batch_transfer
     return None
-
-
-def _seed_everything(seed: int) -> None:
-    from accelerate.utils import set_seed
-
-    set_seed(seed)
-
-
-def _make_accelerator(cpu: bool, mixed_precision: str, gradient_accumulation_steps: int, collective_timeout: float | None = None) -> Any:
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
-
-    # A previous Trainer in this process may have fixed the precision; start from a clean
-    # AcceleratorState (the process group, held by PartialState, is kept).
-    if AcceleratorState._shared_state and AcceleratorState._shared_state.get("_mixed_precision", mixed_precision) != mixed_precision:
-        AcceleratorState._reset_state(reset_partial_state=False)
-    GradientState._reset_state()
-    if _launched_world_size() > 1 and not cpu and not torch.cuda.is_available():
-        # A multi-process launch on a machine without GPUs: join the job over gloo on CPU
-        # instead of letting every process train its own world-size-1 copy.
-        cpu = True
-    kwargs: dict[str, Any] = dict(
-        mixed_precision=mixed_precision,
-        gradient_accumulation_steps=gradient_accumulation_steps,
-        step_scheduler_with_optimizer=False,
-    )
-    if collective_timeout is not None:
-        from datetime import timedelta
-
-        from accelerate.utils import InitProcessGroupKwargs
-
-        # a process group created by this Accelerator starts with the bound (an existing one
-        # gets it from _apply_collective_timeout)
-        kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(timeout=timedelta(seconds=collective_timeout))]
-    if requested_engine() == "DEEPSPEED":
-        from .engines.deepspeed import make_accelerator
-
-        return make_accelerator(cpu, **kwargs)
-    if requested_engine() == "FSDP" and (cpu or not torch.cuda.is_available()):
-        from .engines.fsdp import cpu_accelerator
-
-        return cpu_accelerator(**kwargs)
-    return Accelerator(cpu=cpu, **kwargs)
-
-
-def _apply_collective_timeout(seconds: float) -> None:
-    """Bound every collective of the default process group by ``seconds`` (gloo and NCCL alike).
-
-    Also when the group existed before this Trainer (an earlier Trainer in the process, or an
-    ``accelerator=`` passed in), whose timeout ``InitProcessGroupKwargs`` can no longer set.
-    """
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    from datetime import timedelta
-
-    from torch.distributed import distributed_c10d
-
-    setter = getattr(distributed_c10d, "_set_pg_timeout", None)
-    if setter is None:  # pragma: no cover - a torch without it
-        warnings.warn(
-            "Trainer(collective_timeout=...) could not be applied to the existing process group (this torch has no "
-            "_set_pg_timeout); create the Accelerator with InitProcessGroupKwargs(timeout=...) instead.",
-            UserWarning,
-        )
-        return
-    setter(timedelta(seconds=seconds))
-
-
-def _launched_world_size() -> int:
-    try:
-        return int(os.environ.get("WORLD_SIZE", "1") or 1)
-    except ValueError:
-        return 1
-
-
-@functools.cache
-def _settle_collectives_at_exit() -> None:
-    """Let gloo's worker threads finish with the last collectives before the interpreter shuts down.
-
-    A gloo worker thread drops its reference to a finished collective a moment after the
-    caller's ``wait()`` returned; when that is the last reference, the work's destructor
-    releases the Python tensors it held, which needs the GIL. If the main thread has begun
-    interpreter shutdown by then (a process that exits right after its last collective, on a
-    loaded machine), the worker thread cannot take the GIL, Python ends the thread, and the
-    forced unwind through C++ aborts the process ("terminate called without an active
-    exception", SIGABRT: seen in a core dump, in ``AsyncAllgatherCoalescedWork``'s destructor
-    from ``ProcessGroupGloo::runLoop``) -- after all the work is done, yet the launcher reports
-    the job failed. The process group cannot simply be destroyed first: FSDP's device mesh and
-    the sharded parameters keep it alive. So at exit (registered once per process, when a
-    Trainer joins several processes) the main thread sleeps briefly without the GIL, which lets
-    those threads release their last references while Python still runs, then destroys the
-    process group, as Accelerate's ``end_training()`` does.
-    """
-    import atexit
-
-    def settle() -> None:
-        import time
-
-        import torch.distributed as dist
-
-        time.sleep(0.25)
-        if dist.is_available() and dist.is_initialized():
-            try:
-                dist.destroy_process_group()
-            except Exception:  # pragma: no cover - exiting anyway; never mask the run's own outcome
-                pass
-
-    atexit.register(settle)
-
-
-def _warn_if_restarts_cannot_reconnect() -> None:
-    """torchrun restarts (``--max_restarts N``) whose workers share the agent's rendezvous store.
-
-    That store keeps the first attempt's keys (a static rendezvous keeps one store for good),
-    so after a restart the workers read the dead attempt's addresses and gloo fails to connect
-    (PyTorch issue 135712). ``--rdzv_backend c10d`` with ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``
-    gives every attempt a store of its own (README, "Elastic restarts").
-    """
-    if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-        if os.environ.get("RANK", "0") == "0":
-            warnings.warn(
-                "torchrun restarts are on (--max_restarts) but the workers share the launcher's rendezvous store, "
-                "which keeps the first attempt's keys: after a restart the processes would find the dead attempt's "
-                "addresses and fail to connect, so restarts will not reconnect. Launch with --rdzv_backend c10d and "
-                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1.",
-                UserWarning,
-                stacklevel=3,
-            )
-
-
-def _check_launch(accelerator: Any) -> None:
-    """Refuse a launch that would silently train N independent world-size-1 copies."""
-    world_size = _launched_world_size()
-    if world_size > 1 and accelerator.num_processes == 1:
-        raise ConfigurationError(
-            f"WORLD_SIZE={world_size} in the environment, but this process joined no process group "
-            "(accelerator.num_processes == 1), so each process would train its own copy. On a machine "
-            "without GPUs launch with ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes "
-            f"{world_size} ... (or Trainer(cpu=True)); on GPUs check that every process sees a GPU."
-        )

@@ -228,7 +228,7 @@ class DeepSpeedEngine(Engine):
             return forward(method, *(cast(a) for a in args))
 
         dispatcher.forward = forward_casting
-        dispatcher._accel_trainer_casts = True
+        setattr(dispatcher, "_accel_trainer_casts", True)  # noqa: B010 - a plain flag, not a Module attribute
 
     def _carry_trainer_settings(self, config: dict[str, Any], request: RunRequest) -> None:
         """``gradient_clip_val`` and ``gradient_accumulation_steps`` into the DeepSpeed config."""
@@ -276,7 +276,8 @@ class DeepSpeedEngine(Engine):
     def save_payload(self, directory: str | None, module: torch.nn.Module, wrapper: torch.nn.Module, optimizers: list) -> dict[str, Any]:
         assert directory is not None
         # every rank: ZeRO partitions the optimizer state (and, at stage 3, the weights)
-        wrapper.save_checkpoint(directory, tag=TAG, client_state={}, save_latest=False)
+        engine: Any = wrapper  # a deepspeed.DeepSpeedEngine
+        engine.save_checkpoint(directory, tag=TAG, client_state={}, save_latest=False)
         return {
             "engine": self.label,
             "zero_stage": self.zero_stage,
@@ -312,7 +313,8 @@ class DeepSpeedEngine(Engine):
                 "process count, so it resumes only with both unchanged. To continue on another setup, export the weights "
                 f"(accel-trainer export {source.path} weights.safetensors) and start a new run from them."
             )
-        path, _ = wrapper.load_checkpoint(
+        engine: Any = wrapper  # a deepspeed.DeepSpeedEngine
+        path, _ = engine.load_checkpoint(
             source.shards, tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False, load_module_strict=True
         )
         if path is None:

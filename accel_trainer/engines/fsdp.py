@@ -25,7 +25,9 @@ from typing import Any
 import torch
 
 from .. import sharded_state
+from ..collectives import any_process, broadcast_
 from ..errors import CheckpointError, ConfigurationError
+from ..internals import metric_defaults, metric_device, restore_metric_states
 from .base import DDP_ALTERNATIVE, Engine, PayloadSource, RunRequest, refuse_deepspeed_payload
 
 _GRADS_DIR = "rank_grads"
@@ -227,7 +229,7 @@ class FSDPEngine(Engine):
 
         autocast = get_mixed_precision_context_manager(acc.native_amp, acc.autocast_handler)
         wrapper.forward = convert_outputs_to_fp32(autocast(wrapper.forward))
-        wrapper._accel_trainer_autocast = True
+        setattr(wrapper, "_accel_trainer_autocast", True)  # noqa: B010 - a plain flag, not a Module attribute
 
     def clip_gradients(self, optimizer: Any, params: list, wrapped: torch.nn.Module, n_optimizers: int, max_norm: float, algorithm: str) -> None:
         acc = self.accelerator
@@ -309,6 +311,7 @@ class FSDPEngine(Engine):
                 f"they resume only under fsdp_version 1 on {meta.get('world_size')} processes (this run: "
                 f"fsdp_version {self.version}, {acc.num_processes} processes)."
             )
+        assert source.shards is not None  # carried gradients are only ever saved with sharded state
         path = os.path.join(source.shards, _GRADS_DIR, f"rank-{acc.process_index:05d}.pt")
         local = torch.load(path, map_location="cpu", weights_only=True)
         for name, p in module.named_parameters():
@@ -323,19 +326,11 @@ def _save_rank_grads(directory: str, module: torch.nn.Module, rank: int) -> bool
     resume on the same number of FSDP1 processes (checked on restore).
     """
     grads = {name: p.grad.detach().clone() for name, p in module.named_parameters() if p.grad is not None}
-    any_rank = _any_rank(bool(grads))
+    any_rank = any_process(bool(grads))
     if any_rank:
         os.makedirs(os.path.join(directory, _GRADS_DIR), exist_ok=True)
         torch.save(grads, os.path.join(directory, _GRADS_DIR, f"rank-{rank:05d}.pt"))
     return any_rank
-
-
-def _any_rank(flag: bool) -> bool:
-    import torch.distributed as dist
-
-    value = torch.tensor([float(flag)])
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item() > 0)
 
 
 @contextlib.contextmanager
@@ -347,24 +342,22 @@ def _metric_states_kept(module: torch.nn.Module, active: bool) -> Iterator[None]
     ``Metric`` moves its states (kept outside the state dict) to ``meta`` too, and the first
     ``compute()`` fails ("Tensor.item() cannot be called on meta tensors"). The states and
     their defaults are copied before and put back where they ended up on ``meta``. (This
-    reads torchmetrics' ``_defaults``/``_device``: the only way to restore a metric's states.)
+    reads torchmetrics' ``_defaults``/``_device``, through accel_trainer/internals.py: the only way to restore a metric's states.)
     """
     kept = []
     if active:
         try:
             from torchmetrics import Metric
         except ImportError:  # pragma: no cover - torchmetrics is a dependency
-            Metric = ()  # type: ignore[assignment]
+            Metric = ()  # type: ignore[assignment,misc]
         for m in module.modules():
             if isinstance(m, Metric):
-                kept.append((m, copy.deepcopy(m._defaults), {k: copy.deepcopy(getattr(m, k)) for k in m._defaults}, m._device))
+                defaults = metric_defaults(m)
+                kept.append((m, copy.deepcopy(defaults), {k: copy.deepcopy(getattr(m, k)) for k in defaults}, metric_device(m)))
     yield
     for metric, defaults, states, device in kept:
-        if any(_is_meta(v) for v in metric._defaults.values()) or any(_is_meta(getattr(metric, k)) for k in states):
-            metric._defaults = defaults
-            for key, value in states.items():
-                setattr(metric, key, value)
-            metric._device = device
+        if any(_is_meta(v) for v in metric_defaults(metric).values()) or any(_is_meta(getattr(metric, k)) for k in states):
+            restore_metric_states(metric, defaults, states, device)
 
 
 def _is_meta(value: Any) -> bool:
@@ -375,11 +368,9 @@ def _is_meta(value: Any) -> bool:
 
 def _broadcast_module_state(module: torch.nn.Module) -> None:
     """What FSDP1's ``sync_module_states`` does on GPUs: every rank starts from rank 0's weights."""
-    import torch.distributed as dist
-
     with torch.no_grad():
         for tensor in [*module.parameters(), *module.buffers()]:
-            dist.broadcast(tensor.data, src=0)
+            broadcast_(tensor.data, src=0)
 
 
 # -- FSDP on CPU -------------------------------------------------------------------------------
@@ -413,8 +404,9 @@ def cpu_accelerator(**accelerator_kwargs: Any) -> Any:
         ConfigurationError: for ``fsdp_offload_params``, or when the launch has one process.
     """
     from accelerate import Accelerator
-    from accelerate.state import PartialState
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    from ..internals import switch_state_to_fsdp
 
     env = os.environ
     if env.get("FSDP_OFFLOAD_PARAMS", "false").lower() == "true":
@@ -438,14 +430,7 @@ def cpu_accelerator(**accelerator_kwargs: Any) -> Any:
             "FSDP was asked for (ACCELERATE_USE_FSDP) on a single CPU process: there is nothing to shard across, and "
             "this run would train as plain single-process. Launch with --num_processes 2 or more, or drop --use_fsdp."
         )
-    state = accelerator.state
-    state.fsdp_plugin = plugin
-    state.distributed_type = DistributedType.FSDP
-    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
-    if version == 1:
-        device = torch.device("cpu")
-        state.device = device
-        PartialState._shared_state["device"] = device
+    switch_state_to_fsdp(accelerator, plugin, torch.device("cpu") if version == 1 else None)
     return accelerator
 
 
