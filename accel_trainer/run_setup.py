@@ -1,0 +1,335 @@
+"""Wiring one run: attaching the module and callbacks, checking and preparing optimizers and data.
+
+Everything ``fit``/``validate``/``test`` do before the first batch and after the last: the
+module's hooks and callbacks resolved, ``configure_optimizers`` parsed and checked against the
+module and the launched engine, the model, optimizers, schedulers and loaders prepared by
+Accelerate, and the per-run state the loop reads set up.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .callbacks.base import Callback
+from .callbacks.model_checkpoint import ModelCheckpoint
+from .engines import DeepSpeedEngine, FSDPEngine, RunRequest, engine_for
+from .errors import ConfigurationError
+from .hooks import _batch_transfer_hook, _Hooks, _overrides
+from .loggers import CSVTracker
+from .metrics import MetricCollector
+from .migration import (
+    check_training_step_signature,
+)
+from .module import TrainingModule
+from .nonfinite import NonFiniteGuard
+from .optim import (
+    OptimizationConfig,
+    check_optimizers_against_module,
+    mark_requires_closure,
+    parse_configure_optimizers,
+    requires_closure,
+)
+from .preemption import PreemptionPoll, PreemptionWatcher
+from .toggle import OptimizerToggle
+
+if TYPE_CHECKING:
+    from .trainer import Trainer
+
+
+class _StepDispatcher(torch.nn.Module):
+    """Routes ``forward("training_step", ...)`` to the module's step methods.
+
+    Wrapping this (not the bare module) with DDP and autocast makes ``training_step`` and
+    ``validation_step`` run through the wrapper's ``forward``, so gradient synchronisation
+    and mixed precision apply to exactly what the user wrote (Lightning does the same).
+    """
+
+    def __init__(self, module: TrainingModule) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, method: str, *args: Any) -> Any:
+        return getattr(self.module, method)(*args)
+
+
+
+class RunSetup:
+    """Run set-up and teardown (a mixin of :class:`~accel_trainer.trainer.Trainer`; ``self`` is the trainer)."""
+
+    def _attach(self: Trainer, module: TrainingModule, stage: str, datamodule: Any) -> None:
+        if not isinstance(module, TrainingModule):
+            raise ConfigurationError(
+                f"Trainer.{stage}() needs an accel_trainer.TrainingModule, received {type(module).__name__}."
+            )
+        if datamodule is not None and not any(
+            callable(getattr(datamodule, f, None)) for f in ("train_dataloader", "val_dataloader", "test_dataloader")
+        ):
+            raise ConfigurationError(
+                f"datamodule must provide train_dataloader/val_dataloader/test_dataloader; received {type(datamodule).__name__}."
+            )
+        if self.seed is not None and stage == "fit":
+            from .trainer import _seed_everything
+
+            _seed_everything(self.seed)
+        self._module = module
+        module.trainer = self
+        self.callbacks = self._with_module_callbacks(module)
+        self._metrics = MetricCollector(self.accelerator.device, self.accelerator.num_processes, module)
+        self._hooks = _Hooks(self, module, self.callbacks)
+        # the hooks of every optimizer step, resolved once (None: nobody implements it)
+        self._on_before_backward = self._hooks.caller("on_before_backward")
+        self._on_after_backward = self._hooks.caller("on_after_backward")
+        self._on_before_optimizer_step = self._hooks.caller("on_before_optimizer_step")
+        self._on_before_zero_grad = self._hooks.caller("on_before_zero_grad")  # for the default optimizer_step
+        self._call_directly = False
+        self._engine = engine_for(self.accelerator)
+        self._transfer = _batch_transfer_hook(module, datamodule)
+        self._last_output = None
+        self._last_loss = None
+        self._last_losses: dict[int, torch.Tensor] = {}
+        self._warned_log_interval = False
+        self._epoch_first_step = 0
+        self._logged_steps_in_epoch = False
+        self._run_started = False
+        self._csv_tracker: CSVTracker | None = None
+        self._resume: dict[str, Any] | None = None
+        self._preemption = PreemptionWatcher(announce=self.accelerator.is_main_process)
+        self._preempt_agreed = False
+        self._preemption_poll = PreemptionPoll()
+        self._one_process = self.accelerator.num_processes == 1  # asked on every step
+        self._guard: NonFiniteGuard | None = None
+        self._toggle: OptimizerToggle | None = None
+        self._batch_idx = 0
+        self._epoch_start: dict[str, Any] | None = None
+        module_prepares = type(module).prepare_data is not TrainingModule.prepare_data
+        if datamodule is not None or module_prepares:
+            # once per machine, before setup; the DataModule's first, then the module's (as in Lightning)
+            if self.accelerator.is_local_main_process:
+                if datamodule is not None and callable(getattr(datamodule, "prepare_data", None)):
+                    datamodule.prepare_data()
+                if module_prepares:
+                    module.prepare_data()
+            self.accelerator.wait_for_everyone()
+        if datamodule is not None and callable(getattr(datamodule, "setup", None)):
+            datamodule.setup(stage)
+        self._hooks("setup", stage)
+
+    def _with_module_callbacks(self: Trainer, module: TrainingModule) -> list[Callback]:
+        """The trainer's callbacks plus ``module.configure_callbacks()``, in Lightning's order.
+
+        A module callback replaces the trainer's callbacks of its type (or a parent type), and
+        ``ModelCheckpoint`` callbacks go last, so that a checkpoint holds the state the other
+        callbacks reached at the same check (e.g. EarlyStopping's patience count).
+        """
+        callbacks = list(self.callbacks)
+        extra = module.configure_callbacks()
+        if extra:
+            extra = list(extra) if isinstance(extra, (list, tuple)) else [extra]
+            for cb in extra:
+                if not isinstance(cb, Callback):
+                    raise ConfigurationError(
+                        f"{type(module).__name__}.configure_callbacks() returned a {type(cb).__name__}; return an "
+                        "accel_trainer.Callback or a list of them."
+                    )
+            replaced = {
+                type(cb) for cb in callbacks if type(cb) is not Callback and any(isinstance(m, type(cb)) for m in extra)
+            }
+            callbacks = [cb for cb in callbacks if type(cb) not in replaced] + extra
+        return [cb for cb in callbacks if not isinstance(cb, ModelCheckpoint)] + [
+            cb for cb in callbacks if isinstance(cb, ModelCheckpoint)
+        ]
+
+    def _teardown(self: Trainer, stage: str, datamodule: Any) -> None:
+        tracker = getattr(self, "_step_tracker", None)
+        if tracker is not None:
+            tracker.remove()
+            self._step_tracker = None
+        for t in self._trackers:
+            try:
+                t.finish()
+            except Exception as err:  # a tracker failing to close must not mask the run's own error
+                warnings.warn(f"Tracker {type(t).__name__} failed to finish: {err}", UserWarning)
+        self._trackers = []
+        self._tracking = False
+        if datamodule is not None and callable(getattr(datamodule, "teardown", None)):
+            datamodule.teardown(stage)
+        self._hooks("teardown", stage)
+
+    def _configure_optimizers(self: Trainer, module: TrainingModule) -> OptimizationConfig:
+        module.to(self.accelerator.device)
+        return parse_configure_optimizers(module.configure_optimizers())
+
+    def _validate_against_module(self: Trainer, module: TrainingModule, config: OptimizationConfig) -> None:
+        """Combinations that only make sense once the module's optimizers are known."""
+        automatic = getattr(module, "automatic_optimization", True)
+        check_training_step_signature(module, len(config.optimizers), automatic)
+        check_optimizers_against_module(module, config)
+        needs_closure = [i for i, o in enumerate(config.optimizers) if requires_closure(o)]
+        if needs_closure and self.gradient_accumulation_steps > 1:
+            raise ConfigurationError(
+                f"Optimizer {needs_closure[0]} ({type(config.optimizers[needs_closure[0]]).__name__}) re-evaluates the "
+                f"loss through a closure, which cannot be combined with gradient_accumulation_steps="
+                f"{self.gradient_accumulation_steps}. Use gradient_accumulation_steps=1."
+            )
+        if needs_closure and self.accelerator.mixed_precision == "fp16":
+            raise ConfigurationError(
+                f"Optimizer {needs_closure[0]} ({type(config.optimizers[needs_closure[0]]).__name__}) needs a closure, "
+                "which fp16's GradScaler cannot drive correctly (it would re-run the closure on scaled gradients). "
+                "Use mixed_precision='bf16' or 'no'."
+            )
+        if not automatic:
+            if self.gradient_accumulation_steps > 1:
+                raise ConfigurationError(
+                    "Manual optimization (automatic_optimization = False) with gradient_accumulation_steps="
+                    f"{self.gradient_accumulation_steps}: accumulate in your training_step instead, and use 1 here."
+                )
+            if self.gradient_clip_val is not None:
+                raise ConfigurationError(
+                    f"Manual optimization with gradient_clip_val={self.gradient_clip_val}: call "
+                    "self.trainer.accelerator.clip_grad_norm_(...) in training_step instead, and leave it None here."
+                )
+            if config.frequencies is not None:
+                raise ConfigurationError(
+                    "Optimizer 'frequency' has no meaning under manual optimization: you decide which optimizer steps."
+                )
+
+    def _check_engine(self: Trainer, module: TrainingModule, config: OptimizationConfig) -> None:
+        """Refuse what the launched engine (FSDP, DeepSpeed) cannot run, before anything is prepared."""
+        self._engine.check(
+            RunRequest(
+                optimizer_names=[type(o).__name__ for o in config.optimizers],
+                needs_closure=[i for i, o in enumerate(config.optimizers) if requires_closure(o)],
+                overrides_optimizer_step=type(module).optimizer_step is not TrainingModule.optimizer_step,
+                automatic_optimization=getattr(module, "automatic_optimization", True),
+                gradient_accumulation_steps=self.gradient_accumulation_steps,
+                gradient_clip_val=self.gradient_clip_val,
+                gradient_clip_algorithm=self.gradient_clip_algorithm,
+                warmup_optimizers=sorted({c.opt_idx for c in config.schedulers if c.warmup_steps}),
+                module_name=type(module).__name__,
+            )
+        )
+        automatic = getattr(module, "automatic_optimization", True)
+        if isinstance(self._engine, DeepSpeedEngine) and self.on_nonfinite_loss == "skip" and automatic:
+            raise ConfigurationError(
+                "Trainer(on_nonfinite_loss='skip') cannot be honoured under DeepSpeed: its engine takes the optimizer "
+                "step inside backward, before the trainer could look at the gradients, so a non-finite step cannot be "
+                "skipped. Use on_nonfinite_loss='raise' (DeepSpeed's fp16 loss scaler skips overflowing steps by "
+                "itself), or launch with DDP or FSDP."
+            )
+
+    def _setup_optimization(self: Trainer, module: TrainingModule, config: OptimizationConfig, train_loader: Any = None) -> None:
+        from .trainer import _cache_accelerate_availability_checks, _install_fast_zero_grad, _is_bare_dispatcher
+
+        accelerator = self.accelerator
+        self._automatic = getattr(module, "automatic_optimization", True)
+        n_opt = len(config.optimizers)
+        dispatchers = self._make_dispatchers(module, config)
+        prepared = self._engine.prepare(dispatchers, config.optimizers, [c.scheduler for c in config.schedulers], train_loader)
+        wrappers = prepared.wrappers
+        self._wrapped = wrappers[0]
+        # the wrapper each optimizer's training_step runs through (the same one unless per-optimizer DDP)
+        self._wrappers = wrappers if len(wrappers) == n_opt else [wrappers[0]] * max(n_opt, 1)
+        self._unique_wrappers = wrappers
+        self._call_directly = len(wrappers) == 1 and _is_bare_dispatcher(wrappers[0])
+        self._gradient_state = accelerator.gradient_state
+        self._optimizers = prepared.optimizers
+        _cache_accelerate_availability_checks()
+        for opt in self._optimizers:
+            _install_fast_zero_grad(opt)
+            mark_requires_closure(opt)
+        default_step = _overrides(module, "optimizer_step") is False
+        self._plain_step = [default_step and not requires_closure(opt) for opt in self._optimizers]
+        self._default_zero_grad = _overrides(module, "optimizer_zero_grad") is False
+        self._direct_backward = self._engine.direct_backward()
+        for cfg, sched in zip(config.schedulers, prepared.schedulers):
+            # We decide when a scheduler steps; Accelerate's wrapper would otherwise step it
+            # num_processes times per call and skip steps by its own rules.
+            if hasattr(sched, "step_with_optimizer"):
+                sched.step_with_optimizer = False
+            cfg.scheduler = sched
+        self._scheduler_configs = config.schedulers
+        self._pass_optimizer_idx = n_opt > 1
+        self._all_optimizer_indices = tuple(range(n_opt))
+        self._frequency_cumsum = list(itertools.accumulate(config.frequencies)) if config.frequencies else None
+        self._optimizer_params = [
+            [p for g in opt.param_groups for p in g["params"]] for opt in self._optimizers
+        ]
+        self._toggle = OptimizerToggle(self._optimizer_params) if n_opt > 1 and self._automatic else None
+        self._guard = self._make_guard(module) if self._automatic and n_opt else None
+
+    def _make_guard(self: Trainer, module: TrainingModule) -> NonFiniteGuard:
+        """The non-finite policy for this run's engine (see accel_trainer/nonfinite.py)."""
+        accelerator = self.accelerator
+        owns_gradients = isinstance(self._engine, DeepSpeedEngine) or getattr(accelerator, "scaler", None) is not None
+        return NonFiniteGuard(
+            self.on_nonfinite_loss,
+            self._optimizer_params,
+            accelerator.device,
+            rank=accelerator.process_index,
+            num_processes=accelerator.num_processes,
+            sharded=isinstance(self._engine, FSDPEngine),
+            check_gradients=not owns_gradients,
+            names=lambda: {id(p): name for name, p in module.named_parameters()},
+        )
+
+    def _make_dispatchers(self: Trainer, module: TrainingModule, config: OptimizationConfig) -> list[_StepDispatcher]:
+        """One dispatcher, or one per optimizer when several optimizers train under DDP.
+
+        Which one is :func:`~accel_trainer.engines.plan_wrappers`' decision (its docstring says why).
+        """
+        accelerator = self.accelerator
+        owners = [{id(p) for g in opt.param_groups for p in g["params"]} for opt in config.optimizers]
+        plan = self._engine.wrapper_plan(self._automatic, owners)
+        if plan.find_unused_parameters:
+            from accelerate.utils import DistributedDataParallelKwargs
+
+            handler = accelerator.ddp_handler or DistributedDataParallelKwargs()
+            handler.find_unused_parameters = True
+            accelerator.ddp_handler = handler
+        if not plan.per_optimizer:
+            return [_StepDispatcher(module)]
+        dispatchers = []
+        for own in owners:
+            dispatcher = _StepDispatcher(module)
+            ignored = [name for name, p in dispatcher.named_parameters() if id(p) not in own]
+            torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(dispatcher, ignored)
+            dispatchers.append(dispatcher)
+        return dispatchers
+
+    def _prepare_model_only(self: Trainer, module: TrainingModule) -> None:
+        module.to(self.accelerator.device)
+        self._wrapped = self._engine.prepare_for_evaluation(_StepDispatcher(module))
+
+    def _prepare_loader(self: Trainer, loader: Any, even_batches: bool) -> Any:
+        accelerator = self.accelerator
+        previous = accelerator.even_batches
+        # Validation shards are uneven on purpose: padding duplicates would bias the metrics.
+        accelerator.even_batches = even_batches
+        try:
+            prepared = accelerator.prepare(loader)
+        finally:
+            accelerator.even_batches = previous
+        from .trainer import _skip_noop_placement
+
+        _skip_noop_placement(prepared)
+        return prepared
+
+    def _warmup_per_optimizer(self: Trainer, n_opt: int) -> list[int | None]:
+        warmup: list[int | None] = [None] * n_opt
+        for cfg in self._scheduler_configs:
+            if cfg.warmup_steps:
+                warmup[cfg.opt_idx] = cfg.warmup_steps
+        return warmup
+
+    def _val_every(self: Trainer, n_batches: Any) -> int | None:
+        v = self.val_check_interval
+        if isinstance(v, float):
+            if v >= 1.0 or n_batches is None:
+                return None
+            return max(1, int(n_batches * v))
+        return int(v)
+
