@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import checkpoint as ckpt_io
 from . import data as data_utils
+from .plan import is_accumulation_boundary, validation_interval
 from .preemption import Preempted, exit_code_for
 from .tracking import _say_safely
 
@@ -51,10 +52,10 @@ class FitLoop:
         epoch = state.current_epoch
         loader = self._train_loader
         n_batches, limit = self._batches_per_epoch()
-        val_every = self._val_every(n_batches)
+        val_every = validation_interval(self.val_check_interval, n_batches)
         validate_this_epoch = self._validates_in_epoch(epoch)
         check_val = validate_this_epoch and bool(val_every)  # validations inside this epoch
-        accumulate = self.gradient_accumulation_steps
+        accumulate, boundary = self.gradient_accumulation_steps, is_accumulation_boundary
         transfer = self._transfer
         # on_train_batch_start may return -1 (the module's answer) to end the epoch
         batch_start, batch_end = self._hooks.caller("on_train_batch_start", result=True), self._hooks.caller("on_train_batch_end")
@@ -95,7 +96,7 @@ class FitLoop:
             metrics.set_batch(batch)
             if batch_start is not None and batch_start(batch, batch_idx) == -1:
                 break
-            is_boundary = (batch_idx + 1) % accumulate == 0 or (n_batches is not None and batch_idx + 1 >= n_batches)
+            is_boundary = boundary(batch_idx, accumulate, n_batches)
             outputs = self._train_batch(batch, batch_idx, is_boundary)
             state.batches_done_in_epoch = batch_idx + 1
             if is_boundary:
@@ -172,7 +173,7 @@ class FitLoop:
         if self.check_val_every_n_epoch != 1:
             return True
         n_batches, _ = self._batches_per_epoch()
-        every = self._val_every(n_batches)
+        every = validation_interval(self.val_check_interval, n_batches)
         return every is not None and (n_batches is None or every < n_batches)
 
     def _finish_batch(self: Trainer, done: int, val_every: int | None, validate_this_epoch: bool) -> bool:
@@ -332,7 +333,7 @@ class FitLoop:
             epoch = from_epoch.get(name)
             key = name if epoch is None or epoch == current else f"{name} (epoch {epoch})"
             postfix[key] = f"{float(value):.4g}"
-        tracker = getattr(self, "_step_tracker", None)
+        tracker = self._step_tracker
         if tracker is not None and self._optimizers:
             # the learning rate of each optimizer's next real step (warm-up included), first param group
             postfix["lr"] = "/".join(f"{tracker.effective_lrs(i, opt)[0]:.1e}" for i, opt in enumerate(self._optimizers))

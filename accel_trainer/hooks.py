@@ -23,7 +23,7 @@ class _Hooks:
     Which objects override which hook is decided once per run, so unused hooks cost nothing.
     """
 
-    def __init__(self, trainer: Trainer, module: TrainingModule, callbacks: list[Callback]) -> None:
+    def __init__(self, trainer: Trainer, module: TrainingModule | None, callbacks: list[Callback]) -> None:
         self.trainer = trainer
         self.module = module
         self.callbacks = callbacks

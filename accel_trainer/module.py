@@ -186,11 +186,11 @@ class TrainingModule(torch.nn.Module):
         (as in Lightning); ``add_dataloader_idx=False`` keeps ``name`` as given, one value over
         every dataloader that logs it.
         """
-        trainer = self._trainer
-        if trainer is None or trainer._metrics is None:
+        collector = self._trainer.metric_collector if self._trainer is not None else None
+        if collector is None:
             warnings.warn(f"self.log({name!r}) was called outside a Trainer run and is ignored.", UserWarning, stacklevel=2)
             return
-        trainer._metrics.log(
+        collector.log(
             name, value, on_step, on_epoch, prog_bar, logger, sync_dist, reduce_fx, batch_size, add_dataloader_idx
         )
 

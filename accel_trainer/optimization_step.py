@@ -7,10 +7,9 @@ everything it needs read once into locals, apart from the loop's bookkeeping.
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -131,7 +130,7 @@ class OptimizationStep:
             accelerator.sync_gradients = is_boundary
         self._batch_idx = batch_idx
         outputs = None
-        due = self._all_optimizer_indices if self._frequency_cumsum is None else self._due_optimizers()
+        due = self._cycle.due(self.state.global_step)  # the optimizers this batch steps (plan.py's rule)
         try:
             if is_boundary or self._one_process:
                 # no no_sync contexts to enter: skip building an ExitStack on every batch
@@ -150,11 +149,6 @@ class OptimizationStep:
             self._guard.end_batch(self._where)  # accelerators: start copying this batch's flags to the host
         return outputs
 
-    def _due_optimizers(self: Trainer) -> Iterable[int]:
-        if self._frequency_cumsum is None:
-            return self._all_optimizer_indices
-        place = self.state.global_step % self._frequency_cumsum[-1]
-        return (bisect.bisect_right(self._frequency_cumsum, place),)
 
     def _optimize(self: Trainer, batch: Any, batch_idx: int, opt_idx: int, is_boundary: bool) -> Any:
         if self._toggle is not None:
@@ -247,7 +241,7 @@ class OptimizationStep:
 
     def _settle_nonfinite(self: Trainer) -> None:
         """Read the non-finite flags still in flight (accelerators, "raise"): before saves, validation, epoch ends."""
-        guard = getattr(self, "_guard", None)
+        guard = self._guard
         if guard is not None:
             guard.flush()
 

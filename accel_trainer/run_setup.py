@@ -8,7 +8,6 @@ Accelerate, and the per-run state the loop reads set up.
 
 from __future__ import annotations
 
-import itertools
 import warnings
 from typing import TYPE_CHECKING, Any
 
@@ -16,10 +15,9 @@ import torch
 
 from .callbacks.base import Callback
 from .callbacks.model_checkpoint import ModelCheckpoint
-from .engines import DeepSpeedEngine, FSDPEngine, RunRequest, engine_for
+from .engines import DeepSpeedEngine, FSDPEngine, RunRequest
 from .errors import ConfigurationError
 from .hooks import _batch_transfer_hook, _Hooks, _overrides
-from .loggers import CSVTracker
 from .metrics import MetricCollector
 from .migration import (
     check_training_step_signature,
@@ -33,7 +31,7 @@ from .optim import (
     parse_configure_optimizers,
     requires_closure,
 )
-from .preemption import PreemptionPoll, PreemptionWatcher
+from .plan import OptimizerCycle
 from .toggle import OptimizerToggle
 
 if TYPE_CHECKING:
@@ -75,6 +73,7 @@ class RunSetup:
             from .trainer import _seed_everything
 
             _seed_everything(self.seed)
+        self._reset_run_state()
         self._module = module
         module.trainer = self
         self.callbacks = self._with_module_callbacks(module)
@@ -85,26 +84,7 @@ class RunSetup:
         self._on_after_backward = self._hooks.caller("on_after_backward")
         self._on_before_optimizer_step = self._hooks.caller("on_before_optimizer_step")
         self._on_before_zero_grad = self._hooks.caller("on_before_zero_grad")  # for the default optimizer_step
-        self._call_directly = False
-        self._engine = engine_for(self.accelerator)
         self._transfer = _batch_transfer_hook(module, datamodule)
-        self._last_output = None
-        self._last_loss = None
-        self._last_losses: dict[int, torch.Tensor] = {}
-        self._warned_log_interval = False
-        self._epoch_first_step = 0
-        self._logged_steps_in_epoch = False
-        self._run_started = False
-        self._csv_tracker: CSVTracker | None = None
-        self._resume: dict[str, Any] | None = None
-        self._preemption = PreemptionWatcher(announce=self.accelerator.is_main_process)
-        self._preempt_agreed = False
-        self._preemption_poll = PreemptionPoll()
-        self._one_process = self.accelerator.num_processes == 1  # asked on every step
-        self._guard: NonFiniteGuard | None = None
-        self._toggle: OptimizerToggle | None = None
-        self._batch_idx = 0
-        self._epoch_start: dict[str, Any] | None = None
         module_prepares = type(module).prepare_data is not TrainingModule.prepare_data
         if datamodule is not None or module_prepares:
             # once per machine, before setup; the DataModule's first, then the module's (as in Lightning)
@@ -144,7 +124,7 @@ class RunSetup:
         ]
 
     def _teardown(self: Trainer, stage: str, datamodule: Any) -> None:
-        tracker = getattr(self, "_step_tracker", None)
+        tracker = self._step_tracker
         if tracker is not None:
             tracker.remove()
             self._step_tracker = None
@@ -253,8 +233,7 @@ class RunSetup:
             cfg.scheduler = sched
         self._scheduler_configs = config.schedulers
         self._pass_optimizer_idx = n_opt > 1
-        self._all_optimizer_indices = tuple(range(n_opt))
-        self._frequency_cumsum = list(itertools.accumulate(config.frequencies)) if config.frequencies else None
+        self._cycle = OptimizerCycle(n_opt, config.frequencies)
         self._optimizer_params = [
             [p for g in opt.param_groups for p in g["params"]] for opt in self._optimizers
         ]
@@ -318,18 +297,4 @@ class RunSetup:
         _skip_noop_placement(prepared)
         return prepared
 
-    def _warmup_per_optimizer(self: Trainer, n_opt: int) -> list[int | None]:
-        warmup: list[int | None] = [None] * n_opt
-        for cfg in self._scheduler_configs:
-            if cfg.warmup_steps:
-                warmup[cfg.opt_idx] = cfg.warmup_steps
-        return warmup
-
-    def _val_every(self: Trainer, n_batches: Any) -> int | None:
-        v = self.val_check_interval
-        if isinstance(v, float):
-            if v >= 1.0 or n_batches is None:
-                return None
-            return max(1, int(n_batches * v))
-        return int(v)
 

@@ -200,7 +200,7 @@ class RunTracking:
             acc.wait_for_everyone()  # the clean-up is done before any rank reads a checkpoint
 
     def _release_run_directory(self: Trainer) -> None:
-        lock, self._run_lock = getattr(self, "_run_lock", None), None
+        lock, self._run_lock = self._run_lock, None
         if lock is not None:
             lock.release()
 

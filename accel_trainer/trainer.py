@@ -48,6 +48,7 @@ import inspect
 import math
 import os
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -59,12 +60,12 @@ from . import run_status as run_records
 from .callbacks.base import Callback
 from .callbacks.early_stopping import EarlyStopping
 from .callbacks.model_checkpoint import ModelCheckpoint
-from .engines import check_requested_engine, requested_engine
+from .engines import Engine, check_requested_engine, engine_for, requested_engine
 from .errors import ConfigurationError
 from .evaluation import Evaluation
 from .fit_loop import FitLoop
-from .hooks import _overrides
-from .loggers import LoggerView, normalise_log_with, tracker_name
+from .hooks import _Hooks, _overrides
+from .loggers import CSVTracker, LoggerView, normalise_log_with, tracker_name
 from .metrics import MetricCollector
 from .migration import (
     accelerator_string_message,
@@ -73,15 +74,16 @@ from .migration import (
     refuse_lightning_arguments,
 )
 from .module import TrainingModule
-from .optim import (
-    SchedulerConfig,
-)
+from .nonfinite import NonFiniteGuard
+from .optim import SchedulerConfig, unwrap_optimizer
 from .optimization_step import OptimizationStep, _mark_stepped, _scheduler_step_function
-from .preemption import Preempted
+from .plan import OptimizerCycle, warmup_per_optimizer
+from .preemption import Preempted, PreemptionPoll, PreemptionWatcher
 from .progress import make_progress
 from .run_setup import RunSetup, _StepDispatcher
 from .scheduling import SchedulerRunner, StepTracker
 from .state import TrainingState
+from .toggle import OptimizerToggle
 from .tracking import RunTracking, _say_safely
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -310,6 +312,56 @@ class Trainer(RunSetup, FitLoop, OptimizationStep, Evaluation, RunTracking):
         self._run_record: dict[str, Any] | None = None
         self._run_lock: Any = None
 
+        self._reset_run_state()
+
+    def _reset_run_state(self) -> None:
+        """Create the per-run state: every attribute the loop, the optimization step and evaluation
+        read. Called by ``__init__`` and again by ``_attach`` at the start of every run; set-up
+        (``_attach``, ``_setup_optimization``, ``fit``) then fills in what the run needs."""
+        # set up by _attach:
+        self._hooks = _Hooks(self, None, self.callbacks)
+        self._engine: Engine = engine_for(self._accelerator)
+        self._transfer: Callable | None = None  # on_after_batch_transfer, when defined
+        self._on_before_backward: Callable | None = None  # the per-step hooks, resolved once per run
+        self._on_after_backward: Callable | None = None
+        self._on_before_optimizer_step: Callable | None = None
+        self._on_before_zero_grad: Callable | None = None
+        self._one_process = self._accelerator.num_processes == 1  # asked on every step
+        self._preemption = PreemptionWatcher(announce=self._accelerator.is_main_process)
+        self._preemption_poll = PreemptionPoll()
+        self._preempt_agreed = False
+        self._csv_tracker: CSVTracker | None = None
+        self._run_started = False  # run_status.json says "running"
+        # set up by _setup_optimization (fit) or _prepare_model_only (validate/test):
+        self._wrapped: Any = None  # the prepared step dispatcher (DDP/autocast wrapper) of evaluation
+        self._wrappers: list[Any] = []  # the wrapper each optimizer's training_step runs through
+        self._unique_wrappers: list[Any] = []
+        self._call_directly = False  # one bare dispatcher: call training_step directly
+        self._gradient_state: Any = self._accelerator.gradient_state
+        self._automatic = True
+        self._plain_step: list[bool] = []  # per optimizer: the default optimizer_step, without closure
+        self._default_zero_grad = True
+        self._pass_optimizer_idx = False
+        self._cycle = OptimizerCycle(0)  # which optimizers are due at each global step
+        self._optimizer_params: list[list[torch.nn.Parameter]] = []
+        self._toggle: OptimizerToggle | None = None
+        self._guard: NonFiniteGuard | None = None
+        # set up by fit:
+        self._val_loaders: list[Any] = []
+        self._step_tracker: StepTracker | None = None  # counts real optimizer steps, applies the warm-up
+        self._runner: SchedulerRunner | None = None
+        self._every_step: list[list[Any] | None] = []  # per optimizer, its step schedulers when plain
+        self._resume: dict[str, Any] | None = None  # what a restored checkpoint says of the epoch under way
+        self._epoch_start: dict[str, Any] | None = None  # the epoch's sampler/RNG state, for checkpoints
+        # the loop's position and what it shows:
+        self._batch_idx = 0
+        self._last_output: Any = None
+        self._last_loss: torch.Tensor | None = None
+        self._last_losses: dict[int, torch.Tensor] = {}
+        self._warned_log_interval = False
+        self._epoch_first_step = 0
+        self._logged_steps_in_epoch = False
+
     # -- facts ----------------------------------------------------------------------------------
     @property
     def accelerator(self) -> Any:
@@ -342,6 +394,25 @@ class Trainer(RunSetup, FitLoop, OptimizationStep, Evaluation, RunTracking):
     @property
     def progress_bar_metrics(self) -> dict[str, Any]:
         return self._metrics.progress_bar_metrics if self._metrics is not None else {}
+
+    @property
+    def metric_collector(self) -> MetricCollector | None:
+        """Where ``TrainingModule.log`` records values: this run's collector (None outside fit/validate/test).
+
+        The interface between ``self.log`` and the trainer, not part of the public API.
+        """
+        return self._metrics
+
+    def effective_lrs(self, opt_idx: int) -> list[float]:
+        """Per param group of optimizer ``opt_idx``, the learning rate of its next real step (warm-up applied).
+
+        What ``LearningRateMonitor`` logs and the progress bar shows; outside ``fit`` (no warm-up
+        counted), the optimizer's own learning rates.
+        """
+        optimizer = self._optimizers[opt_idx]
+        if self._step_tracker is not None:
+            return self._step_tracker.effective_lrs(opt_idx, optimizer)
+        return [float(g["lr"]) for g in unwrap_optimizer(optimizer).param_groups]
 
     @property
     def logged_metrics(self) -> dict[str, float]:
@@ -531,7 +602,7 @@ class Trainer(RunSetup, FitLoop, OptimizationStep, Evaluation, RunTracking):
                 self._restore(ckpt_path)
                 _mark_stepped(self._optimizers, self.state.optimizer_steps)
             self._step_tracker = StepTracker(
-                self._optimizers, self.state, self._warmup_per_optimizer(len(self._optimizers))
+                self._optimizers, self.state, warmup_per_optimizer(self._scheduler_configs, len(self._optimizers))
             )
             self._runner = SchedulerRunner(
                 self._scheduler_configs,
@@ -646,7 +717,7 @@ class Trainer(RunSetup, FitLoop, OptimizationStep, Evaluation, RunTracking):
         says so. A checkpoint is never written with non-finite weights.
         """
         self._settle_nonfinite()  # a bad step still being checked raises before it is saved
-        tracker = getattr(self, "_step_tracker", None)
+        tracker = self._step_tracker
         with tracker.paused() if tracker is not None else contextlib.nullcontext():
             return ckpt_io.save(os.fspath(path), self._checkpoint_parts(), lambda c: self._hooks("on_save_checkpoint", c))
 
@@ -661,7 +732,7 @@ class Trainer(RunSetup, FitLoop, OptimizationStep, Evaluation, RunTracking):
             state=self.state,
             callbacks=self.callbacks,
             callback_metrics=self._metrics.callback_metrics,
-            train_loader=getattr(self, "_train_loader", None),
+            train_loader=self._train_loader,
             epoch_start=self._epoch_start,
             run=self._run_record,
         )
