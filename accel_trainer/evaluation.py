@@ -1,3 +1,6 @@
+# mypy: disable-error-code="misc"
+# (the mixin methods declare ``self: Trainer`` so that mypy checks them against the trainer's
+# attributes; mypy reports such a self-type, a subclass of the mixin, as [misc]: silenced here)
 """Validation, test and the sanity check: one evaluation run over some dataloaders.
 
 The same run serves fit's validation (interruptible by a preemption signal), ``validate()``,
@@ -21,6 +24,7 @@ from .migration import (
     check_eval_step_signature,
 )
 from .module import TrainingModule
+from .run_state import RunState
 
 if TYPE_CHECKING:
     from .trainer import Trainer
@@ -37,7 +41,7 @@ class _ValidationInterrupted(Exception):
 
 
 
-class Evaluation:
+class Evaluation(RunState):
     """Evaluation runs (a mixin of :class:`~accel_trainer.trainer.Trainer`; ``self`` is the trainer)."""
 
     def _run_validation(self: Trainer) -> dict[str, float]:

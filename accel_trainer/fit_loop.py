@@ -1,3 +1,6 @@
+# mypy: disable-error-code="misc"
+# (the mixin methods declare ``self: Trainer`` so that mypy checks them against the trainer's
+# attributes; mypy reports such a self-type, a subclass of the mixin, as [misc]: silenced here)
 """The fit loop: epochs, batches, accumulation boundaries, validation inside the epoch, epoch ends.
 
 Kept apart from the trainer's facade so that the loop reads in one place, as the seed's
@@ -21,15 +24,16 @@ from . import checkpoint as ckpt_io
 from . import data as data_utils
 from .plan import is_accumulation_boundary, validation_interval
 from .preemption import Preempted, exit_code_for
+from .run_state import RunState
 from .tracking import _say_safely
-
-_EXHAUSTED = object()
 
 if TYPE_CHECKING:
     from .trainer import Trainer
 
+_EXHAUSTED = object()
 
-class FitLoop:
+
+class FitLoop(RunState):
     """The epoch/batch loop of ``Trainer.fit`` (a mixin of :class:`~accel_trainer.trainer.Trainer`; ``self`` is the trainer)."""
 
     def _fit_loop(self: Trainer) -> None:

@@ -1,3 +1,6 @@
+# mypy: disable-error-code="misc"
+# (the mixin methods declare ``self: Trainer`` so that mypy checks them against the trainer's
+# attributes; mypy reports such a self-type, a subclass of the mixin, as [misc]: silenced here)
 """One batch's optimization: toggling, forward/backward, loss extraction, clipping, the step.
 
 This is the per-batch hot path (issue 16 made it lean: hooks resolved once, direct calls when
@@ -18,15 +21,16 @@ from torch.nn.modules import module as nn_module
 from .errors import ConfigurationError, TrainingError
 from .hooks import _overrides
 from .module import TrainingModule
+from .run_state import RunState
+
+if TYPE_CHECKING:
+    from .trainer import Trainer
 
 # torch's global module hooks: when any is set, training_step must go through the dispatcher's __call__
 _GLOBAL_PRE = nn_module._global_forward_pre_hooks
 _GLOBAL_POST = nn_module._global_forward_hooks
 _GLOBAL_BACKWARD_PRE = nn_module._global_backward_pre_hooks
 _GLOBAL_BACKWARD = nn_module._global_backward_hooks
-
-if TYPE_CHECKING:
-    from .trainer import Trainer
 
 
 class _Closure:
@@ -116,7 +120,7 @@ def _scheduler_step_function(module: TrainingModule) -> Callable[[Any, Any], Non
 
 
 
-class OptimizationStep:
+class OptimizationStep(RunState):
     """Runs the optimizers due on one batch (a mixin of :class:`~accel_trainer.trainer.Trainer`; ``self`` is the trainer)."""
 
     def _train_batch(self: Trainer, batch: Any, batch_idx: int, is_boundary: bool) -> Any:

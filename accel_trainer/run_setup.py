@@ -1,3 +1,6 @@
+# mypy: disable-error-code="misc"
+# (the mixin methods declare ``self: Trainer`` so that mypy checks them against the trainer's
+# attributes; mypy reports such a self-type, a subclass of the mixin, as [misc]: silenced here)
 """Wiring one run: attaching the module and callbacks, checking and preparing optimizers and data.
 
 Everything ``fit``/``validate``/``test`` do before the first batch and after the last: the
@@ -32,6 +35,7 @@ from .optim import (
     requires_closure,
 )
 from .plan import OptimizerCycle
+from .run_state import RunState
 from .toggle import OptimizerToggle
 
 if TYPE_CHECKING:
@@ -55,7 +59,7 @@ class _StepDispatcher(torch.nn.Module):
 
 
 
-class RunSetup:
+class RunSetup(RunState):
     """Run set-up and teardown (a mixin of :class:`~accel_trainer.trainer.Trainer`; ``self`` is the trainer)."""
 
     def _attach(self: Trainer, module: TrainingModule, stage: str, datamodule: Any) -> None:

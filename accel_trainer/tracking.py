@@ -1,3 +1,6 @@
+# mypy: disable-error-code="misc"
+# (the mixin methods declare ``self: Trainer`` so that mypy checks them against the trainer's
+# attributes; mypy reports such a self-type, a subclass of the mixin, as [misc]: silenced here)
 """The trainer's side of a run's records: trackers, ``config.yaml``, ``run_status.json``, the run-directory lock.
 
 The records themselves are written by :mod:`accel_trainer.loggers`, :mod:`accel_trainer.run_status`
@@ -14,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from . import run_status as run_records
 from .loggers import CSVTracker, build_trackers, log_hyperparams
 from .module import TrainingModule
+from .run_state import RunState
 
 if TYPE_CHECKING:
     from .trainer import Trainer
@@ -36,7 +40,7 @@ def _say_safely(message: str) -> None:
 
 
 
-class RunTracking:
+class RunTracking(RunState):
     """Trackers and run records glue (a mixin of :class:`~accel_trainer.trainer.Trainer`; ``self`` is the trainer)."""
 
     def _start_trackers(self: Trainer, module: TrainingModule, resumed_from: Any = None, log_dir: str | None = None) -> None:

@@ -48,7 +48,6 @@ import inspect
 import math
 import os
 import warnings
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -60,12 +59,12 @@ from . import run_status as run_records
 from .callbacks.base import Callback
 from .callbacks.early_stopping import EarlyStopping
 from .callbacks.model_checkpoint import ModelCheckpoint
-from .engines import Engine, check_requested_engine, engine_for, requested_engine
+from .engines import check_requested_engine, requested_engine
 from .errors import ConfigurationError
 from .evaluation import Evaluation
 from .fit_loop import FitLoop
-from .hooks import _Hooks, _overrides
-from .loggers import CSVTracker, LoggerView, normalise_log_with, tracker_name
+from .hooks import _overrides
+from .loggers import LoggerView, normalise_log_with, tracker_name
 from .metrics import MetricCollector
 from .migration import (
     accelerator_string_message,
@@ -74,16 +73,15 @@ from .migration import (
     refuse_lightning_arguments,
 )
 from .module import TrainingModule
-from .nonfinite import NonFiniteGuard
 from .optim import SchedulerConfig, unwrap_optimizer
 from .optimization_step import OptimizationStep, _mark_stepped, _scheduler_step_function
-from .plan import OptimizerCycle, warmup_per_optimizer
-from .preemption import Preempted, PreemptionPoll, PreemptionWatcher
+from .plan import warmup_per_optimizer
+from .preemption import Preempted
 from .progress import make_progress
 from .run_setup import RunSetup, _StepDispatcher
+from .run_state import RunState
 from .scheduling import SchedulerRunner, StepTracker
 from .state import TrainingState
-from .toggle import OptimizerToggle
 from .tracking import RunTracking, _say_safely
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -175,7 +173,7 @@ def _install_fast_step(optimizer: Any, accelerated_cls: type) -> None:
     optimizer.step = step
 
 
-class Trainer(RunSetup, FitLoop, OptimizationStep, Evaluation, RunTracking):
+class Trainer(RunSetup, FitLoop, OptimizationStep, Evaluation, RunTracking, RunState):
     """Runs a :class:`TrainingModule` on Accelerate: CPU, one GPU, DDP, bf16/fp16 alike.
 
     Args:
@@ -313,54 +311,6 @@ class Trainer(RunSetup, FitLoop, OptimizationStep, Evaluation, RunTracking):
         self._run_lock: Any = None
 
         self._reset_run_state()
-
-    def _reset_run_state(self) -> None:
-        """Create the per-run state: every attribute the loop, the optimization step and evaluation
-        read. Called by ``__init__`` and again by ``_attach`` at the start of every run; set-up
-        (``_attach``, ``_setup_optimization``, ``fit``) then fills in what the run needs."""
-        # set up by _attach:
-        self._hooks = _Hooks(self, None, self.callbacks)
-        self._engine: Engine = engine_for(self._accelerator)
-        self._transfer: Callable | None = None  # on_after_batch_transfer, when defined
-        self._on_before_backward: Callable | None = None  # the per-step hooks, resolved once per run
-        self._on_after_backward: Callable | None = None
-        self._on_before_optimizer_step: Callable | None = None
-        self._on_before_zero_grad: Callable | None = None
-        self._one_process = self._accelerator.num_processes == 1  # asked on every step
-        self._preemption = PreemptionWatcher(announce=self._accelerator.is_main_process)
-        self._preemption_poll = PreemptionPoll()
-        self._preempt_agreed = False
-        self._csv_tracker: CSVTracker | None = None
-        self._run_started = False  # run_status.json says "running"
-        # set up by _setup_optimization (fit) or _prepare_model_only (validate/test):
-        self._wrapped: Any = None  # the prepared step dispatcher (DDP/autocast wrapper) of evaluation
-        self._wrappers: list[Any] = []  # the wrapper each optimizer's training_step runs through
-        self._unique_wrappers: list[Any] = []
-        self._call_directly = False  # one bare dispatcher: call training_step directly
-        self._gradient_state: Any = self._accelerator.gradient_state
-        self._automatic = True
-        self._plain_step: list[bool] = []  # per optimizer: the default optimizer_step, without closure
-        self._default_zero_grad = True
-        self._pass_optimizer_idx = False
-        self._cycle = OptimizerCycle(0)  # which optimizers are due at each global step
-        self._optimizer_params: list[list[torch.nn.Parameter]] = []
-        self._toggle: OptimizerToggle | None = None
-        self._guard: NonFiniteGuard | None = None
-        # set up by fit:
-        self._val_loaders: list[Any] = []
-        self._step_tracker: StepTracker | None = None  # counts real optimizer steps, applies the warm-up
-        self._runner: SchedulerRunner | None = None
-        self._every_step: list[list[Any] | None] = []  # per optimizer, its step schedulers when plain
-        self._resume: dict[str, Any] | None = None  # what a restored checkpoint says of the epoch under way
-        self._epoch_start: dict[str, Any] | None = None  # the epoch's sampler/RNG state, for checkpoints
-        # the loop's position and what it shows:
-        self._batch_idx = 0
-        self._last_output: Any = None
-        self._last_loss: torch.Tensor | None = None
-        self._last_losses: dict[int, torch.Tensor] = {}
-        self._warned_log_interval = False
-        self._epoch_first_step = 0
-        self._logged_steps_in_epoch = False
 
     # -- facts ----------------------------------------------------------------------------------
     @property
