@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -44,7 +45,7 @@ class _ValidationInterrupted(Exception):
 class Evaluation(RunState):
     """Evaluation runs (a mixin of :class:`~accel_trainer.trainer.Trainer`; ``self`` is the trainer)."""
 
-    def _run_validation(self: Trainer) -> dict[str, float]:
+    def _run_validation(self: Trainer) -> list[dict[str, float]]:
         self._settle_nonfinite()
         try:
             return self._evaluate("validate", self._val_loaders, self.limit_val_batches, log=True)
@@ -55,16 +56,19 @@ class Evaluation(RunState):
     def _sanity_check(self: Trainer) -> None:
         self.sanity_checking = True
         self._hooks.callbacks_only("on_sanity_check_start")
-        saved = dict(self._metrics.callback_metrics)
+        assert self._metrics is not None  # set by _attach
+        callback_metrics = self._metrics.callback_metrics
+        saved = dict(callback_metrics)
         self._evaluate("sanity", self._val_loaders, self.num_sanity_val_steps, log=False)
-        self._metrics.callback_metrics.clear()
-        self._metrics.callback_metrics.update(saved)
+        callback_metrics.clear()
+        callback_metrics.update(saved)
         self._hooks.callbacks_only("on_sanity_check_end")
         self.sanity_checking = False
 
     def _evaluate(self: Trainer, stage: str, loaders: list, limit: Any, log: bool) -> list[dict[str, float]]:
         """One validation/test/sanity run over ``loaders``; returns one results dict per dataloader."""
         module, metrics = self._module, self._metrics
+        assert module is not None and metrics is not None  # set by _attach
         kind = "test" if stage == "test" else "validation"
         step_name = "test_step" if stage == "test" else "validation_step"
         auto_name = "test_loss" if stage == "test" else "val_loss"
@@ -102,7 +106,7 @@ class Evaluation(RunState):
                 if lockstep and template_rank is not None:  # before any forward: it is a collective too
                     shared = lockstep_mod.share_template(first, template_rank, self.accelerator)
                     template = first if first is not None else shared
-                batches = itertools.chain([first], iterator) if first is not None else iter(())
+                batches: Iterator[Any] = itertools.chain([first], iterator) if first is not None else iter(())
                 done = 0
                 for batch_idx, batch in enumerate(batches):
                     if batch_idx >= n:
@@ -140,6 +144,7 @@ class Evaluation(RunState):
             metrics.stage = previous_stage
             for m, training in modes:
                 m.training = training
+            assert rng_at_start is not None  # captured when interruptible
             ckpt_io.restore_rng_state(rng_at_start)
             raise _ValidationInterrupted()
         metrics.in_epoch_end = True

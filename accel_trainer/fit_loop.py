@@ -65,6 +65,7 @@ class FitLoop(RunState):
         batch_start, batch_end = self._hooks.caller("on_train_batch_start", result=True), self._hooks.caller("on_train_batch_end")
         log_every, sync_every = self.log_every_n_steps, self.check_rank_sync_every_n_steps
         one_process, preemption = self._one_process, self._preemption
+        assert metrics is not None and self._runner is not None  # set by _attach and fit
 
         metrics.stage = "train"
         metrics.epoch = epoch
@@ -165,7 +166,7 @@ class FitLoop(RunState):
         """(batches this epoch trains, or None when unknown; the ``limit_train_batches`` bound)."""
         length = data_utils.loader_length(self._train_loader)
         limit = data_utils.limit_batches(self.limit_train_batches, length, "limit_train_batches")
-        return (limit if limit != math.inf else length), limit
+        return (int(limit) if limit != math.inf else length), limit
 
     def _validates_in_epoch(self: Trainer, epoch: int) -> bool:
         return bool(self._val_loaders) and self.limit_val_batches != 0 and (epoch + 1) % self.check_val_every_n_epoch == 0
@@ -188,7 +189,7 @@ class FitLoop(RunState):
         if validate_this_epoch and val_every and done % val_every == 0 and self.state.validated_at != done:
             self._run_validation()
             stop = self.should_stop = self._any_rank(self.should_stop)
-        if self._automatic:
+        if self._automatic and self._runner is not None:
             self._runner.flush_pending()
         return stop
 
@@ -201,7 +202,7 @@ class FitLoop(RunState):
         resume = self._resume
         if resume is None or not skip or (n_batches is not None and skip >= n_batches):
             return False
-        due = validate_this_epoch and bool(val_every) and skip % val_every == 0 and self.state.validated_at != skip
+        due = validate_this_epoch and val_every is not None and val_every != 0 and skip % val_every == 0 and self.state.validated_at != skip
         if not due and not self.state.pending_plateau:
             return False
         self._epoch_start = resume["epoch_start"]
@@ -258,7 +259,7 @@ class FitLoop(RunState):
                 f"accel_trainer: {cause}; {outcome}. Exiting with code {exit_code_for(signal_name)}; run the same "
                 "command again (ckpt_path='last') to resume."
             )
-        raise Preempted(path if written else None, signal_name)
+        raise Preempted(path if written else None, signal_name)  # type: ignore[arg-type]  # None: nothing written
 
     def _should_stop_now(self: Trainer, is_boundary: bool) -> bool:
         """``should_stop`` agreed by all ranks; on several ranks checked at logging boundaries only."""
@@ -271,16 +272,17 @@ class FitLoop(RunState):
 
     def _monitoring_epoch_end(self: Trainer) -> list[Callable]:
         cbs, _ = self._hooks.implementations("on_train_epoch_end")
-        return [fn for fn in cbs if getattr(fn.__self__, "monitors_metrics", False)]
+        return [fn for fn in cbs if getattr(getattr(fn, "__self__", None), "monitors_metrics", False)]
 
     def _end_train_epoch_metrics(self: Trainer) -> None:
         metrics = self._metrics
+        assert metrics is not None  # set by _attach
         metrics.stage = "train"
         results = metrics.compute_epoch("train", self._gather_from_ranks)
         if not self._logged_steps_in_epoch and self.state.global_step > self._epoch_first_step:
             # No log_every_n_steps boundary fell in this epoch (a short run or short epochs):
             # its latest step values go to the trackers now rather than never.
-            results = {**self._metrics.step_values_for_loggers("train", self.accelerator.reduce), **results}
+            results = {**metrics.step_values_for_loggers("train", self.accelerator.reduce), **results}
         if results:
             self._log_to_trackers({**results, "epoch": self.state.current_epoch}, self.state.global_step)
 
@@ -313,6 +315,7 @@ class FitLoop(RunState):
             self._check_rank_sync()
         if step % self.log_every_n_steps == 0:
             self._logged_steps_in_epoch = True
+            assert self._metrics is not None  # set by _attach
             values = self._metrics.step_values_for_loggers("train", self.accelerator.reduce)
             if values:
                 values["epoch"] = self.state.current_epoch
@@ -331,8 +334,10 @@ class FitLoop(RunState):
         elif self._last_loss is not None:
             postfix["loss"] = f"{float(self._last_loss.detach()):.4g}"
         current = self.state.current_epoch
-        from_epoch = self._metrics.progress_bar_epochs
-        for name, value in self._metrics.progress_bar_metrics.items():
+        metrics = self._metrics
+        assert metrics is not None  # set by _attach
+        from_epoch = metrics.progress_bar_epochs
+        for name, value in metrics.progress_bar_metrics.items():
             # an epoch value (validation, on_epoch) shown during a later epoch says which epoch it is from
             epoch = from_epoch.get(name)
             key = name if epoch is None or epoch == current else f"{name} (epoch {epoch})"

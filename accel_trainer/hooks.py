@@ -41,7 +41,7 @@ class _Hooks:
     def __call__(self, name: str, *args: Any, monitoring: bool | None = None) -> Any:
         cbs, mod = self._cache.get(name) or self._resolve(name)
         for fn in cbs:
-            if monitoring is None or getattr(fn.__self__, "monitors_metrics", False) == monitoring:
+            if monitoring is None or getattr(getattr(fn, "__self__", None), "monitors_metrics", False) == monitoring:
                 fn(self.trainer, self.module, *args)
         if mod is not None and monitoring is not True:
             return mod(*args)

@@ -48,11 +48,12 @@ class _Closure:
 
     __slots__ = ("_trainer", "_batch", "_batch_idx", "_opt_idx", "_loss")
 
-    def __init__(self, trainer: Trainer, batch: Any, batch_idx: int, opt_idx: int, loss: torch.Tensor) -> None:
+    def __init__(self, trainer: Trainer, batch: Any, batch_idx: int, opt_idx: int, loss: torch.Tensor | None) -> None:
         self._trainer, self._batch, self._batch_idx, self._opt_idx, self._loss = trainer, batch, batch_idx, opt_idx, loss
 
     def __call__(self) -> torch.Tensor:
         trainer = self._trainer
+        loss: torch.Tensor | None
         if self._loss is not None:
             loss, self._loss = self._loss, None
         else:
@@ -149,22 +150,26 @@ class OptimizationStep(RunState):
         finally:
             if self._toggle is not None:
                 self._toggle.restore()  # every flag back as it was, for what runs between batches
-        if self._guard.deferred:
-            self._guard.end_batch(self._where)  # accelerators: start copying this batch's flags to the host
+        guard = self._guard
+        assert guard is not None  # automatic optimization with optimizers (_setup_optimization)
+        if guard.deferred:
+            guard.end_batch(self._where)  # accelerators: start copying this batch's flags to the host
         return outputs
 
 
     def _optimize(self: Trainer, batch: Any, batch_idx: int, opt_idx: int, is_boundary: bool) -> Any:
         if self._toggle is not None:
             self._toggle.enter(opt_idx)  # only optimizer opt_idx's parameters require grad
+        guard, module = self._guard, self._module
+        assert guard is not None and module is not None  # automatic optimization (_setup_optimization)
         loss = self._forward_backward(batch, batch_idx, opt_idx)
         if loss is None:
             return self._last_output
         if not is_boundary:
-            self._guard.check_loss(opt_idx, loss, self._where)
+            guard.check_loss(opt_idx, loss, self._where)
             return self._last_output
         optimizer = self._optimizers[opt_idx]
-        if self._guard.check_step(opt_idx, loss, self._where):
+        if guard.check_step(opt_idx, loss, self._where):
             # on_nonfinite_loss="skip": no step; its gradients must not reach the next one
             optimizer.zero_grad()
             return self._last_output
@@ -183,10 +188,10 @@ class OptimizationStep(RunState):
             if self._default_zero_grad:
                 optimizer.zero_grad()  # TrainingModule.optimizer_zero_grad's body
             else:
-                self._module.optimizer_zero_grad(self.state.current_epoch, batch_idx, optimizer)
+                module.optimizer_zero_grad(self.state.current_epoch, batch_idx, optimizer)
         else:
             closure = _Closure(self, batch, batch_idx, opt_idx, loss.detach())
-            self._module.optimizer_step(self.state.current_epoch, batch_idx, optimizer, opt_idx, closure)
+            module.optimizer_step(self.state.current_epoch, batch_idx, optimizer, opt_idx, closure)
         after = steps[opt_idx]
         if after != before:
             every_step = self._every_step[opt_idx]
@@ -194,6 +199,7 @@ class OptimizationStep(RunState):
                 for scheduler in every_step:  # SchedulerRunner's usual case, without its two calls
                     scheduler.step()
             else:
+                assert self._runner is not None  # set by fit
                 self._runner.after_optimizer_steps(opt_idx, before, after)
         return self._last_output
 
@@ -207,13 +213,16 @@ class OptimizationStep(RunState):
 
     def _forward_backward(self: Trainer, batch: Any, batch_idx: int, opt_idx: int) -> torch.Tensor | None:
         args = (batch, batch_idx, opt_idx) if self._pass_optimizer_idx else (batch, batch_idx)
+        module, guard = self._module, self._guard
+        assert module is not None and guard is not None  # automatic optimization (_setup_optimization)
         if self._call_directly and not (_GLOBAL_PRE or _GLOBAL_POST or _GLOBAL_BACKWARD_PRE or _GLOBAL_BACKWARD):
             # the dispatcher is not wrapped (one process, no autocast) and has no hooks: its
             # nn.Module __call__ would only forward the call (~3 µs per step saved)
-            output = self._module.training_step(*args)
+            output = module.training_step(*args)
         else:
             output = self._wrappers[opt_idx]("training_step", *args)
         self._last_output = output
+        loss: torch.Tensor | None
         if type(output) is torch.Tensor and output.requires_grad and output.numel() == 1:
             loss = output  # the usual case, checked in three attribute reads
         else:
@@ -224,12 +233,13 @@ class OptimizationStep(RunState):
         # optimizer steps, the gradients) on the device (accel_trainer/nonfinite.py).
         if self._on_before_backward is not None:
             self._on_before_backward(loss)
-        if self._guard.poison_backward:  # DDP "skip": a non-finite loss seeds its backward with NaN
-            self.accelerator.backward(loss, **self._guard.backward_kwargs(loss))
+        if guard.poison_backward:  # DDP "skip": a non-finite loss seeds its backward with NaN
+            self.accelerator.backward(loss, **guard.backward_kwargs(loss))
         elif self._direct_backward:
             loss.backward()
         elif self._engine.step_inside_backward and self.accelerator.sync_gradients and self._automatic:
             # DeepSpeed takes the optimizer step inside this backward: the warm-up goes around it
+            assert self._step_tracker is not None  # set by fit
             with self._step_tracker.warmup_applied(opt_idx):
                 self.accelerator.backward(loss)
         else:
@@ -237,7 +247,8 @@ class OptimizationStep(RunState):
         if self._on_after_backward is not None:
             self._on_after_backward()
         # kept as returned (detached only when shown): the graph is kept alive by _last_output anyway
-        self._last_loss = self._last_losses[opt_idx] = loss
+        self._last_losses[opt_idx] = loss
+        self._last_loss = loss
         return loss
 
     def _nonfinite_is_fatal(self: Trainer) -> bool:
@@ -286,16 +297,18 @@ class OptimizationStep(RunState):
 
     def _log_legacy_dicts(self: Trainer, output: dict) -> None:
         """Lightning 0.7's ``{"loss": ..., "log": {...}, "progress_bar": {...}}``."""
+        metrics = self._metrics
+        assert metrics is not None  # set by _attach
         logs = output.get("log")
         if isinstance(logs, dict):
             for name, value in logs.items():
                 if isinstance(value, (torch.Tensor, int, float)):
-                    self._metrics.log(name, value)
+                    metrics.log(name, value)
         bar = output.get("progress_bar")
         if isinstance(bar, dict):
             for name, value in bar.items():
                 if isinstance(value, (torch.Tensor, int, float)):
-                    self._metrics.progress_bar_metrics[name] = value
+                    metrics.progress_bar_metrics[name] = value
 
     def _clip_gradients(self: Trainer, opt_idx: int) -> None:
         if self.gradient_clip_val is None:

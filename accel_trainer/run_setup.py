@@ -136,7 +136,7 @@ class RunSetup(RunState):
             try:
                 t.finish()
             except Exception as err:  # a tracker failing to close must not mask the run's own error
-                warnings.warn(f"Tracker {type(t).__name__} failed to finish: {err}", UserWarning)
+                warnings.warn(f"Tracker {type(t).__name__} failed to finish: {err}", UserWarning, stacklevel=2)
         self._trackers = []
         self._tracking = False
         if datamodule is not None and callable(getattr(datamodule, "teardown", None)):

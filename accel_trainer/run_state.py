@@ -13,7 +13,7 @@ through a run and none needs a ``getattr(self, ..., None)`` guard.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from .scheduling import SchedulerRunner, StepTracker
     from .state import TrainingState
     from .toggle import OptimizerToggle
+    from .trainer import Trainer
 
 
 class RunState:
@@ -84,7 +85,7 @@ class RunState:
         read. Called by ``__init__`` and again by ``_attach`` at the start of every run; set-up
         (``_attach``, ``_setup_optimization``, ``fit``) then fills in what the run needs."""
         # set up by _attach:
-        self._hooks = _Hooks(self, None, self.callbacks)
+        self._hooks = _Hooks(cast("Trainer", self), None, self.callbacks)
         self._engine: Engine = engine_for(self._accelerator)
         self._transfer: Callable | None = None  # on_after_batch_transfer, when defined
         self._on_before_backward: Callable | None = None  # the per-step hooks, resolved once per run

@@ -123,7 +123,7 @@ class RunTracking(RunState):
                 record.setdefault("exit_code", 0)
             run_records.write_run_status(self.default_root_dir, status, **record)
         except Exception as err:  # a full disk must not hide why the run ended
-            warnings.warn(f"Could not write {run_records.STATUS_FILE}: {err}", UserWarning)
+            warnings.warn(f"Could not write {run_records.STATUS_FILE}: {err}", UserWarning, stacklevel=2)
 
     def _stop_reason(self: Trainer) -> str:
         if self.should_stop:

@@ -60,7 +60,7 @@ from .callbacks.base import Callback
 from .callbacks.early_stopping import EarlyStopping
 from .callbacks.model_checkpoint import ModelCheckpoint
 from .engines import check_requested_engine, requested_engine
-from .errors import ConfigurationError
+from .errors import ConfigurationError, TrainingError
 from .evaluation import Evaluation
 from .fit_loop import FitLoop
 from .hooks import _overrides
@@ -672,6 +672,8 @@ class Trainer(RunSetup, FitLoop, OptimizationStep, Evaluation, RunTracking, RunS
             return ckpt_io.save(os.fspath(path), self._checkpoint_parts(), lambda c: self._hooks("on_save_checkpoint", c))
 
     def _checkpoint_parts(self) -> ckpt_io.CheckpointParts:
+        if self._module is None or self._metrics is None:
+            raise TrainingError("save_checkpoint() needs a module being trained: call it during or after fit().")
         return ckpt_io.CheckpointParts(
             accelerator=self.accelerator,
             engine=self._engine,
@@ -700,16 +702,18 @@ class Trainer(RunSetup, FitLoop, OptimizationStep, Evaluation, RunTracking, RunS
             self.accelerator.wait_for_everyone()
             if not ckpt_io.exists(path):  # a file, or a directory for sharded checkpoints
                 if self.is_global_zero:  # once, not once per rank
-                    warnings.warn(f"ckpt_path='last' but {path} does not exist yet: starting from scratch.", UserWarning)
+                    warnings.warn(f"ckpt_path='last' but {path} does not exist yet: starting from scratch.", UserWarning, stacklevel=2)
                 return
         own = self._is_own_checkpoint(ckpt_path)
 
         def on_load(checkpoint: dict[str, Any]) -> None:
             saved = checkpoint.get("run") or {}
+            record = self._run_record
+            assert record is not None  # started by _claim_run_directory
             if own and saved.get("id"):
-                self._run_record["id"] = saved["id"]  # the same run continues
+                record["id"] = saved["id"]  # the same run continues
             elif saved.get("id"):
-                self._run_record["resumed_from_run"] = saved["id"]
+                record["resumed_from_run"] = saved["id"]
             self._hooks("on_load_checkpoint", checkpoint)
 
         self._resume = ckpt_io.restore(path, self._checkpoint_parts(), on_load, implicit=implicit)
