@@ -61,7 +61,7 @@ SHARDS_DIR = "shards"
 
 
 def capture_rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
+    np_state: Any = np.random.get_state()
     state = {
         "python": _to_lists(random.getstate()),
         "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],

@@ -364,6 +364,16 @@ class Trainer(RunSetup, FitLoop, OptimizationStep, Evaluation, RunTracking, RunS
             return self._step_tracker.effective_lrs(opt_idx, optimizer)
         return [float(g["lr"]) for g in unwrap_optimizer(optimizer).param_groups]
 
+    def before_zero_grad(self, optimizer: Any) -> None:
+        """Run ``on_before_zero_grad(optimizer)``: the callbacks that implement it, then the module.
+
+        What ``TrainingModule.optimizer_step``'s default calls between the step and ``zero_grad``
+        (resolved once per run; nothing runs when nobody implements the hook).
+        """
+        hook = self._on_before_zero_grad
+        if hook is not None:
+            hook(optimizer)
+
     @property
     def logged_metrics(self) -> dict[str, float]:
         return self._logged
