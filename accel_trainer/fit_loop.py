@@ -17,7 +17,8 @@ import itertools
 import math
 import os
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from . import checkpoint as ckpt_io
@@ -31,6 +32,20 @@ if TYPE_CHECKING:
     from .trainer import Trainer
 
 _EXHAUSTED = object()
+
+
+@dataclass
+class _Epoch:
+    """One epoch's plan, fixed at its start (see :mod:`accel_trainer.plan` for the rules)."""
+
+    index: int
+    n_batches: int | None  # batches it trains (None: unknown length)
+    limit: int | float  # the limit_train_batches bound
+    val_every: int | None  # validation every this many batches inside it (None: at its end only)
+    validate: bool  # whether it validates at all (check_val_every_n_epoch)
+    skip: int  # batches already trained before a mid-epoch resume
+    iterator: Iterator[Any]
+    progress: Any  # its progress bar, or None
 
 
 class FitLoop(RunState):
@@ -52,23 +67,29 @@ class FitLoop(RunState):
 
     def _run_train_epoch(self: Trainer) -> bool:
         """One epoch. Returns True when ``max_steps`` ended it before its last batch."""
-        module, state, metrics = self._module, self.state, self._metrics
-        epoch = state.current_epoch
-        loader = self._train_loader
+        epoch = self._begin_train_epoch()
+        stopped_by_steps = self._train_batches(epoch)
+        self._settle_nonfinite()
+        if stopped_by_steps:
+            # A max_steps stop inside an epoch is a pause, not an epoch end: the position is kept
+            # so that resuming with a larger max_steps continues this very epoch.
+            self._close_progress(epoch.progress)
+            self._progress_bar = None
+            self._end_train_epoch_metrics()
+            return True
+        self._end_train_epoch(epoch)
+        return False
+
+    def _begin_train_epoch(self: Trainer) -> _Epoch:
+        """``on_train_epoch_start``, then this epoch's plan and batch iterator (resumed mid-epoch when restored)."""
+        state, metrics, loader = self.state, self._metrics, self._train_loader
+        assert metrics is not None  # set by _attach
+        index = state.current_epoch
         n_batches, limit = self._batches_per_epoch()
         val_every = validation_interval(self.val_check_interval, n_batches)
-        validate_this_epoch = self._validates_in_epoch(epoch)
-        check_val = validate_this_epoch and bool(val_every)  # validations inside this epoch
-        accumulate, boundary = self.gradient_accumulation_steps, is_accumulation_boundary
-        transfer = self._transfer
-        # on_train_batch_start may return -1 (the module's answer) to end the epoch
-        batch_start, batch_end = self._hooks.caller("on_train_batch_start", result=True), self._hooks.caller("on_train_batch_end")
-        log_every, sync_every = self.log_every_n_steps, self.check_rank_sync_every_n_steps
-        one_process, preemption = self._one_process, self._preemption
-        assert metrics is not None and self._runner is not None  # set by _attach and fit
-
+        validate = self._validates_in_epoch(index)
         metrics.stage = "train"
-        metrics.epoch = epoch
+        metrics.epoch = index
         metrics.reset_stage("train")
         self._hooks("on_train_epoch_start")
         self._warn_if_no_step_logging(n_batches)
@@ -76,33 +97,46 @@ class FitLoop(RunState):
         self._logged_steps_in_epoch = False
         skip = state.batches_done_in_epoch
         if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)
+            loader.set_epoch(index)
         if self._resume is None:  # the usual case: the loader's own iterator, no generator in between
             self._epoch_start = ckpt_io.capture_epoch_start(loader)
-            iterator = iter(loader)
+            iterator: Iterator[Any] = iter(loader)
         else:
-            iterator = self._epoch_iterator(loader, skip)
-        progress = self._progress_bar = self._progress(n_batches, epoch, skip)
-        stopped_by_steps = False
+            iterator = iter(self._epoch_iterator(loader, skip))
+        progress = self._progress_bar = self._progress(n_batches, index, skip)
+        return _Epoch(index, n_batches, limit, val_every, validate, skip, iterator, progress)
+
+    def _train_batches(self: Trainer, epoch: _Epoch) -> bool:
+        """The epoch's batches (the loop of the seed's pseudocode). Returns True when ``max_steps`` stopped
+        it before the epoch's last batch."""
+        state, metrics, iterator, progress = self.state, self._metrics, epoch.iterator, epoch.progress
+        n_batches, limit, val_every, validate = epoch.n_batches, epoch.limit, epoch.val_every, epoch.validate
+        check_val = validate and bool(val_every)  # validations inside this epoch
+        accumulate, boundary = self.gradient_accumulation_steps, is_accumulation_boundary
+        transfer, train_batch = self._transfer, self._train_batch
+        # on_train_batch_start may return -1 (the module's answer) to end the epoch
+        batch_start, batch_end = self._hooks.caller("on_train_batch_start", result=True), self._hooks.caller("on_train_batch_end")
+        log_every, sync_every = self.log_every_n_steps, self.check_rank_sync_every_n_steps
+        one_process, preemption = self._one_process, self._preemption
+        assert metrics is not None  # set by _attach
         # resumed from a checkpoint written inside a batch: first what was still due after it
-        stop = self._finish_resumed_batch(skip, n_batches, val_every, validate_this_epoch)
-        batch_idx = skip - 1
-        for batch_idx in itertools.count(skip):
+        stop = self._finish_resumed_batch(epoch.skip, n_batches, val_every, validate)
+        for batch_idx in itertools.count(epoch.skip):
             if stop or batch_idx >= limit:
                 if self._resume is not None:
                     next(iterator, None)  # nothing left to train: still replay the epoch's shuffling draw and RNG
-                break
+                return False
             try:
                 batch = next(iterator)
             except StopIteration:
-                break
+                return False
             if transfer is not None:
                 batch = transfer(batch, 0)
             metrics.set_batch(batch)
             if batch_start is not None and batch_start(batch, batch_idx) == -1:
-                break
+                return False
             is_boundary = boundary(batch_idx, accumulate, n_batches)
-            outputs = self._train_batch(batch, batch_idx, is_boundary)
+            outputs = train_batch(batch, batch_idx, is_boundary)
             state.batches_done_in_epoch = batch_idx + 1
             if is_boundary:
                 step = state.global_step = state.global_step + 1
@@ -118,41 +152,41 @@ class FitLoop(RunState):
                 progress.update(1)
             last = n_batches is not None and batch_idx + 1 >= n_batches
             if self.max_steps >= 0 and state.global_step >= self.max_steps:
-                stopped_by_steps = not last
-                if stopped_by_steps:
-                    # a pause after a complete batch: its validation (if due) and plateau steps included
-                    self._finish_batch(batch_idx + 1, val_every, validate_this_epoch)
-                break
+                if last:
+                    return False
+                # a pause after a complete batch: its validation (if due) and plateau steps included
+                self._finish_batch(batch_idx + 1, val_every, validate)
+                return True
             if self.should_stop if one_process else self._should_stop_now(is_boundary):
-                break  # the epoch ends here, with its validation (as Lightning validates on a stop)
+                return False  # the epoch ends here, with its validation (as Lightning validates on a stop)
             if (check_val or state.pending_plateau) and not last:
-                if self._finish_batch(batch_idx + 1, val_every, validate_this_epoch):
-                    break  # a validation decided to stop (EarlyStopping): the epoch ends right after it
-        self._settle_nonfinite()
-        if stopped_by_steps:
-            # A max_steps stop inside an epoch is a pause, not an epoch end: the position is kept
-            # so that resuming with a larger max_steps continues this very epoch.
-            self._close_progress(progress)
-            self._progress_bar = None
-            self._end_train_epoch_metrics()
-            return True
-        if validate_this_epoch and state.validated_at != state.batches_done_in_epoch:
+                # stop is True when a validation decided to stop (EarlyStopping): the epoch ends right after it
+                stop = self._finish_batch(batch_idx + 1, val_every, validate)
+        return False  # pragma: no cover - itertools.count never ends
+
+    def _end_train_epoch(self: Trainer, epoch: _Epoch) -> None:
+        """The epoch end: its validation, plateau steps, ``on_train_epoch_end``, epoch schedulers,
+        checkpoint/early-stopping callbacks, ``last.ckpt``; a stop or preemption agreed by every rank."""
+        state = self.state
+        if epoch.validate and state.validated_at != state.batches_done_in_epoch:
             self._run_validation()
         # closed after the epoch's validation, so its last line shows this epoch's values
-        self._close_progress(progress)
+        self._close_progress(epoch.progress)
         self._progress_bar = None
+        runner = self._runner
+        assert runner is not None  # set by fit
         if self._automatic:
-            self._runner.flush_pending()  # step-interval plateau schedulers due on the last batch
+            runner.flush_pending()  # step-interval plateau schedulers due on the last batch
         self._end_train_epoch_metrics()
         self._hooks("on_train_epoch_end", monitoring=False)
-        state.current_epoch = epoch + 1
+        state.current_epoch = epoch.index + 1
         state.start_epoch()
         if self._automatic:  # as in Lightning, manual optimization steps its own schedulers
-            self._runner.after_epoch(epoch + 1)
+            runner.after_epoch(epoch.index + 1)
         self._check_rank_sync()
         # monitoring callbacks (checkpoint, early stopping) see the epoch fully finished
         for fn in self._monitoring_epoch_end():
-            fn(self, module)
+            fn(self, self._module)
         # One collective for both flags: a preemption signal is also agreed at every epoch end,
         # which bounds its latency when steps became slower than the poll interval assumed.
         self.should_stop, preempt = self._any_rank_each(self.should_stop, self._preemption.requested)
@@ -160,7 +194,6 @@ class FitLoop(RunState):
         if preempt:
             self._preempt(None, save=False)  # last.ckpt was just written at this epoch boundary
         self._update_run_status()
-        return False
 
     def _batches_per_epoch(self: Trainer) -> tuple[int | None, int | float]:
         """(batches this epoch trains, or None when unknown; the ``limit_train_batches`` bound)."""
