@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from . import data as data_utils
 from .callbacks.base import Callback
 from .callbacks.model_checkpoint import ModelCheckpoint
 from .engines import DeepSpeedEngine, FSDPEngine, RunRequest
@@ -23,6 +24,7 @@ from .errors import ConfigurationError
 from .hooks import _batch_transfer_hook, _Hooks, _overrides
 from .metrics import MetricCollector
 from .migration import (
+    check_eval_step_signature,
     check_training_step_signature,
 )
 from .module import TrainingModule
@@ -34,8 +36,10 @@ from .optim import (
     parse_configure_optimizers,
     requires_closure,
 )
-from .plan import OptimizerCycle
+from .optimization_step import _mark_stepped, _scheduler_step_function
+from .plan import OptimizerCycle, warmup_per_optimizer
 from .run_state import RunState
+from .scheduling import SchedulerRunner, StepTracker
 from .toggle import OptimizerToggle
 
 if TYPE_CHECKING:
@@ -101,6 +105,58 @@ class RunSetup(RunState):
         if datamodule is not None and callable(getattr(datamodule, "setup", None)):
             datamodule.setup(stage)
         self._hooks("setup", stage)
+
+    def _resolve_fit_data(
+        self: Trainer, module: TrainingModule, train_dataloaders: Any, val_dataloaders: Any, datamodule: Any
+    ) -> tuple[Any, list[Any]]:
+        """fit's training dataloader and validation dataloaders (as given or from the datamodule/module), checked."""
+        train_loaders = data_utils.resolve(train_dataloaders, datamodule, module, "train_dataloader")
+        if not train_loaders:
+            raise ConfigurationError(
+                "fit() got no training data: pass train_dataloaders, a datamodule with train_dataloader(), "
+                "or define train_dataloader() on the module."
+            )
+        if len(train_loaders) > 1:
+            raise ConfigurationError(f"fit() takes one training dataloader, received {len(train_loaders)}.")
+        val_loaders = data_utils.resolve(val_dataloaders, datamodule, module, "val_dataloader")
+        data_utils.check_not_empty(train_loaders[0], "training")
+        for loader in val_loaders:
+            data_utils.check_not_empty(loader, "validation")
+        if val_loaders:
+            check_eval_step_signature(module, "validation_step", len(val_loaders))
+        return train_loaders[0], val_loaders
+
+    def _setup_fit(self: Trainer, module: TrainingModule, train_loader: Any, val_loaders: list[Any], ckpt_path: Any) -> None:
+        """Optimizers, schedulers and loaders prepared, the checkpoint restored, the step tracker and scheduler runner made."""
+        # what trainer.estimated_stepping_batches counts while configure_optimizers runs
+        self._train_loader, self._train_loader_raw = None, train_loader
+
+        config = self._configure_optimizers(module)
+        self._validate_against_module(module, config)
+        self._check_engine(module, config)
+        self._setup_optimization(module, config, train_loader)
+        self._train_loader = self._prepare_loader(train_loader, even_batches=True)
+        self._val_loaders = [self._prepare_loader(dl, even_batches=False) for dl in val_loaders]
+        self.state.reset_for(len(self._optimizers))
+        self.should_stop = False
+        if ckpt_path is not None:
+            # before the step hooks exist: torch's sharded-state API may initialise an
+            # optimizer with a zero-lr step, which must not count as a training step
+            self._restore(ckpt_path)
+            _mark_stepped(self._optimizers, self.state.optimizer_steps)
+        self._step_tracker = StepTracker(
+            self._optimizers, self.state, warmup_per_optimizer(self._scheduler_configs, len(self._optimizers))
+        )
+        self._runner = SchedulerRunner(
+            self._scheduler_configs,
+            len(self._optimizers),
+            _scheduler_step_function(module),
+            lambda: self.callback_metrics,
+            pending_plateau=self.state.pending_plateau,
+        )
+        default_hook = _overrides(module, "lr_scheduler_step") is False
+        self._every_step = [self._runner.every_step(i, default_hook) for i in range(len(self._optimizers))]
+        self._monitor_on_validation = self._validation_not_once_per_epoch()
 
     def _with_module_callbacks(self: Trainer, module: TrainingModule) -> list[Callback]:
         """The trainer's callbacks plus ``module.configure_callbacks()``, in Lightning's order.

@@ -63,24 +63,20 @@ from .engines import check_requested_engine, requested_engine
 from .errors import ConfigurationError, TrainingError
 from .evaluation import Evaluation
 from .fit_loop import FitLoop
-from .hooks import _overrides
 from .loggers import LoggerView, normalise_log_with, tracker_name
 from .metrics import MetricCollector
 from .migration import (
     accelerator_string_message,
-    check_eval_step_signature,
     check_precision_device,
     refuse_lightning_arguments,
 )
 from .module import TrainingModule
 from .optim import SchedulerConfig, unwrap_optimizer
-from .optimization_step import OptimizationStep, _mark_stepped, _scheduler_step_function
-from .plan import warmup_per_optimizer
+from .optimization_step import OptimizationStep
 from .preemption import Preempted
 from .progress import make_progress
 from .run_setup import RunSetup, _StepDispatcher
 from .run_state import RunState
-from .scheduling import SchedulerRunner, StepTracker
 from .state import TrainingState
 from .tracking import RunTracking, _say_safely
 
@@ -531,49 +527,8 @@ class Trainer(RunSetup, FitLoop, OptimizationStep, Evaluation, RunTracking, RunS
         try:
             # First: one live run per run directory, and no temporaries of a killed one left.
             self._claim_run_directory()
-            train_loaders = data_utils.resolve(train_dataloaders, datamodule, module, "train_dataloader")
-            if not train_loaders:
-                raise ConfigurationError(
-                    "fit() got no training data: pass train_dataloaders, a datamodule with train_dataloader(), "
-                    "or define train_dataloader() on the module."
-                )
-            if len(train_loaders) > 1:
-                raise ConfigurationError(f"fit() takes one training dataloader, received {len(train_loaders)}.")
-            val_loaders = data_utils.resolve(val_dataloaders, datamodule, module, "val_dataloader")
-            data_utils.check_not_empty(train_loaders[0], "training")
-            for loader in val_loaders:
-                data_utils.check_not_empty(loader, "validation")
-            if val_loaders:
-                check_eval_step_signature(module, "validation_step", len(val_loaders))
-            # what trainer.estimated_stepping_batches counts while configure_optimizers runs
-            self._train_loader, self._train_loader_raw = None, train_loaders[0]
-
-            config = self._configure_optimizers(module)
-            self._validate_against_module(module, config)
-            self._check_engine(module, config)
-            self._setup_optimization(module, config, train_loaders[0])
-            self._train_loader = self._prepare_loader(train_loaders[0], even_batches=True)
-            self._val_loaders = [self._prepare_loader(dl, even_batches=False) for dl in val_loaders]
-            self.state.reset_for(len(self._optimizers))
-            self.should_stop = False
-            if ckpt_path is not None:
-                # before the step hooks exist: torch's sharded-state API may initialise an
-                # optimizer with a zero-lr step, which must not count as a training step
-                self._restore(ckpt_path)
-                _mark_stepped(self._optimizers, self.state.optimizer_steps)
-            self._step_tracker = StepTracker(
-                self._optimizers, self.state, warmup_per_optimizer(self._scheduler_configs, len(self._optimizers))
-            )
-            self._runner = SchedulerRunner(
-                self._scheduler_configs,
-                len(self._optimizers),
-                _scheduler_step_function(module),
-                lambda: self.callback_metrics,
-                pending_plateau=self.state.pending_plateau,
-            )
-            default_hook = _overrides(module, "lr_scheduler_step") is False
-            self._every_step = [self._runner.every_step(i, default_hook) for i in range(len(self._optimizers))]
-            self._monitor_on_validation = self._validation_not_once_per_epoch()
+            train_loader, val_loaders = self._resolve_fit_data(module, train_dataloaders, val_dataloaders, datamodule)
+            self._setup_fit(module, train_loader, val_loaders, ckpt_path)
             # The run really starts here: a config or checkpoint refused above left the run
             # directory's records (config.yaml, metrics.csv, hparams.json, run_status.json) as they were.
             nothing_to_do = ckpt_path is not None and self._done()
