@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 
@@ -137,16 +137,36 @@ class Evaluation(RunState):
         if interruptible and self.accelerator.num_processes > 1 and not lockstep:
             interrupted = self._any_rank(interrupted)  # a rank that was not signalled finished its shard meanwhile
         if interrupted:
-            # Abandon this validation: no results, no callbacks; the checkpoint written next records
-            # that it did not run (validated_at unchanged), so a resume runs it again, from the RNG
-            # state it started from.
-            metrics.reset_stage(stage)
-            metrics.stage = previous_stage
+            self._abandon_evaluation(stage, previous_stage, modes, rng_at_start)
+        results = self._end_evaluation(stage, kind, log)
+        metrics.stage = previous_stage
+        train_hook = f"on_{kind}_model_train"
+        if getattr(type(module), train_hook) is not getattr(TrainingModule, train_hook):
+            getattr(module, train_hook)()
+        else:
             for m, training in modes:
                 m.training = training
-            assert rng_at_start is not None  # captured when interruptible
-            ckpt_io.restore_rng_state(rng_at_start)
-            raise _ValidationInterrupted()
+        return metrics.results_by_dataloader(stage, results, len(loaders))
+
+    def _abandon_evaluation(
+        self: Trainer, stage: str, previous_stage: str, modes: list[tuple[Any, bool]], rng_at_start: dict[str, Any] | None
+    ) -> NoReturn:
+        """Abandon an interrupted validation: no results, no callbacks; the checkpoint written next records
+        that it did not run (validated_at unchanged), so a resume runs it again, from the RNG
+        state it started from."""
+        metrics = self._metrics
+        assert metrics is not None and rng_at_start is not None  # set by _attach; captured when interruptible
+        metrics.reset_stage(stage)
+        metrics.stage = previous_stage
+        for m, training in modes:
+            m.training = training
+        ckpt_io.restore_rng_state(rng_at_start)
+        raise _ValidationInterrupted()
+
+    def _end_evaluation(self: Trainer, stage: str, kind: str, log: bool) -> dict[str, float]:
+        """``on_{kind}_epoch_end``, the epoch values reduced over ranks and logged, ``on_{kind}_end``."""
+        metrics = self._metrics
+        assert metrics is not None  # set by _attach
         metrics.in_epoch_end = True
         try:
             self._hooks(f"on_{kind}_epoch_end")
@@ -161,14 +181,7 @@ class Evaluation(RunState):
             # before on_validation_end: a checkpoint written there records that this validation ran
             self.state.validated_at = self.state.batches_done_in_epoch
         self._hooks(f"on_{kind}_end")
-        metrics.stage = previous_stage
-        train_hook = f"on_{kind}_model_train"
-        if getattr(type(module), train_hook) is not getattr(TrainingModule, train_hook):
-            getattr(module, train_hook)()
-        else:
-            for m, training in modes:
-                m.training = training
-        return metrics.results_by_dataloader(stage, results, len(loaders))
+        return results
 
     def _eval_entry(self: Trainer, stage: str, module: TrainingModule, dataloaders: Any, datamodule: Any, factory: str) -> list[dict]:
         self._attach(module, stage, datamodule)
