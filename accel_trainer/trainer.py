@@ -38,6 +38,13 @@ ModelCheckpoint and EarlyStopping act at the epoch end shown above when validati
 exactly once per epoch at its end (or not at all); otherwise in on_validation_end of every
 validation run during fit (``trainer.monitor_at_validation_end``, Lightning's rule). A stop
 decided there ends the epoch right after that validation.
+
+Where the code is: this module is the facade (arguments, the ``Accelerator``, fit/validate/test,
+properties, checkpoints); the loop above is :mod:`accel_trainer.fit_loop` (``_train_batches`` is
+the batch loop), one batch's optimizers :mod:`accel_trainer.optimization_step`, validation/test
+:mod:`accel_trainer.evaluation`, set-up :mod:`accel_trainer.run_setup`, hook calls
+:mod:`accel_trainer.hooks`, the run's records :mod:`accel_trainer.tracking`, and the state they
+share :mod:`accel_trainer.run_state`. The loop's rules come from :mod:`accel_trainer.plan`.
 """
 
 from __future__ import annotations
