@@ -56,8 +56,8 @@ class Evaluation(RunState):
     def _sanity_check(self: Trainer) -> None:
         self.sanity_checking = True
         self._hooks.callbacks_only("on_sanity_check_start")
-        assert self._metrics is not None  # set by _attach
-        callback_metrics = self._metrics.callback_metrics
+        assert self.metric_collector is not None  # set by _attach
+        callback_metrics = self.metric_collector.callback_metrics
         saved = dict(callback_metrics)
         self._evaluate("sanity", self._val_loaders, self.num_sanity_val_steps, log=False)
         callback_metrics.clear()
@@ -67,7 +67,7 @@ class Evaluation(RunState):
 
     def _evaluate(self: Trainer, stage: str, loaders: list, limit: Any, log: bool) -> list[dict[str, float]]:
         """One validation/test/sanity run over ``loaders``; returns one results dict per dataloader."""
-        module, metrics = self._module, self._metrics
+        module, metrics = self._module, self.metric_collector
         assert module is not None and metrics is not None  # set by _attach
         kind = "test" if stage == "test" else "validation"
         step_name = "test_step" if stage == "test" else "validation_step"
@@ -154,7 +154,7 @@ class Evaluation(RunState):
         """Abandon an interrupted validation: no results, no callbacks; the checkpoint written next records
         that it did not run (validated_at unchanged), so a resume runs it again, from the RNG
         state it started from."""
-        metrics = self._metrics
+        metrics = self.metric_collector
         assert metrics is not None and rng_at_start is not None  # set by _attach; captured when interruptible
         metrics.reset_stage(stage)
         metrics.stage = previous_stage
@@ -165,7 +165,7 @@ class Evaluation(RunState):
 
     def _end_evaluation(self: Trainer, stage: str, kind: str, log: bool) -> dict[str, float]:
         """``on_{kind}_epoch_end``, the epoch values reduced over ranks and logged, ``on_{kind}_end``."""
-        metrics = self._metrics
+        metrics = self.metric_collector
         assert metrics is not None  # set by _attach
         metrics.in_epoch_end = True
         try:

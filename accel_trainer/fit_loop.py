@@ -82,7 +82,7 @@ class FitLoop(RunState):
 
     def _begin_train_epoch(self: Trainer) -> _Epoch:
         """``on_train_epoch_start``, then this epoch's plan and batch iterator (resumed mid-epoch when restored)."""
-        state, metrics, loader = self.state, self._metrics, self._train_loader
+        state, metrics, loader = self.state, self.metric_collector, self._train_loader
         assert metrics is not None  # set by _attach
         index = state.current_epoch
         n_batches, limit = self._batches_per_epoch()
@@ -109,7 +109,7 @@ class FitLoop(RunState):
     def _train_batches(self: Trainer, epoch: _Epoch) -> bool:
         """The epoch's batches (the loop of the seed's pseudocode). Returns True when ``max_steps`` stopped
         it before the epoch's last batch."""
-        state, metrics, iterator, progress = self.state, self._metrics, epoch.iterator, epoch.progress
+        state, metrics, iterator, progress = self.state, self.metric_collector, epoch.iterator, epoch.progress
         n_batches, limit, val_every, validate = epoch.n_batches, epoch.limit, epoch.val_every, epoch.validate
         check_val = validate and bool(val_every)  # validations inside this epoch
         accumulate, boundary = self.gradient_accumulation_steps, is_accumulation_boundary
@@ -308,7 +308,7 @@ class FitLoop(RunState):
         return [fn for fn in cbs if getattr(getattr(fn, "__self__", None), "monitors_metrics", False)]
 
     def _end_train_epoch_metrics(self: Trainer) -> None:
-        metrics = self._metrics
+        metrics = self.metric_collector
         assert metrics is not None  # set by _attach
         metrics.stage = "train"
         results = metrics.compute_epoch("train", self._gather_from_ranks)
@@ -348,8 +348,8 @@ class FitLoop(RunState):
             self._check_rank_sync()
         if step % self.log_every_n_steps == 0:
             self._logged_steps_in_epoch = True
-            assert self._metrics is not None  # set by _attach
-            values = self._metrics.step_values_for_loggers("train", self.accelerator.reduce)
+            assert self.metric_collector is not None  # set by _attach
+            values = self.metric_collector.step_values_for_loggers("train", self.accelerator.reduce)
             if values:
                 values["epoch"] = self.state.current_epoch
                 self._log_to_trackers(values, step)
@@ -367,7 +367,7 @@ class FitLoop(RunState):
         elif self._last_loss is not None:
             postfix["loss"] = f"{float(self._last_loss.detach()):.4g}"
         current = self.state.current_epoch
-        metrics = self._metrics
+        metrics = self.metric_collector
         assert metrics is not None  # set by _attach
         from_epoch = metrics.progress_bar_epochs
         for name, value in metrics.progress_bar_metrics.items():

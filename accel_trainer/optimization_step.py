@@ -135,7 +135,8 @@ class OptimizationStep(RunState):
             accelerator.sync_gradients = is_boundary
         self._batch_idx = batch_idx
         outputs = None
-        due = self._cycle.due(self.state.global_step)  # the optimizers this batch steps (plan.py's rule)
+        # the optimizers this batch steps (plan.py's rule; without frequencies, all of them at every step)
+        due = self._fixed_optimizers or self._cycle.due(self.state.global_step)
         try:
             if is_boundary or self._one_process:
                 # no no_sync contexts to enter: skip building an ExitStack on every batch
@@ -297,7 +298,7 @@ class OptimizationStep(RunState):
 
     def _log_legacy_dicts(self: Trainer, output: dict) -> None:
         """Lightning 0.7's ``{"loss": ..., "log": {...}, "progress_bar": {...}}``."""
-        metrics = self._metrics
+        metrics = self.metric_collector
         assert metrics is not None  # set by _attach
         logs = output.get("log")
         if isinstance(logs, dict):

@@ -85,7 +85,7 @@ class RunSetup(RunState):
         self._module = module
         module.trainer = self
         self.callbacks = self._with_module_callbacks(module)
-        self._metrics = MetricCollector(self.accelerator.device, self.accelerator.num_processes, module)
+        self.metric_collector = MetricCollector(self.accelerator.device, self.accelerator.num_processes, module)
         self._hooks = _Hooks(self, module, self.callbacks)
         # the hooks of every optimizer step, resolved once (None: nobody implements it)
         self._on_before_backward = self._hooks.caller("on_before_backward")
@@ -294,6 +294,7 @@ class RunSetup(RunState):
         self._scheduler_configs = config.schedulers
         self._pass_optimizer_idx = n_opt > 1
         self._cycle = OptimizerCycle(n_opt, config.frequencies)
+        self._fixed_optimizers = self._cycle.all if not config.frequencies else None  # every optimizer, every batch
         self._optimizer_params = [
             [p for g in opt.param_groups for p in g["params"]] for opt in self._optimizers
         ]

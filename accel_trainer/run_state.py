@@ -63,7 +63,9 @@ class RunState:
     state: TrainingState
     should_stop: bool
     _module: TrainingModule | None
-    _metrics: MetricCollector | None
+    #: where ``TrainingModule.log`` records values (None before the first run): the interface
+    #: between ``self.log`` and the trainer, not part of the public API
+    metric_collector: MetricCollector | None
     _optimizers: list[Any]
     _direct_backward: bool
     _scheduler_configs: list[SchedulerConfig]
@@ -109,6 +111,7 @@ class RunState:
         self._default_zero_grad = True
         self._pass_optimizer_idx = False
         self._cycle = OptimizerCycle(0)  # which optimizers are due at each global step
+        self._fixed_optimizers: tuple[int, ...] | None = None  # the same ones at every step (no frequencies)
         self._optimizer_params: list[list[torch.nn.Parameter]] = []
         self._toggle: OptimizerToggle | None = None
         self._guard: NonFiniteGuard | None = None

@@ -294,7 +294,8 @@ class Trainer(RunSetup, FitLoop, OptimizationStep, Evaluation, RunTracking, RunS
         self.state = TrainingState()
         self.should_stop = False
         self._module: TrainingModule | None = None
-        self._metrics: MetricCollector | None = None
+        #: where TrainingModule.log records values: this run's collector (None before the first run)
+        self.metric_collector: MetricCollector | None = None
         self._optimizers: list = []
         self._direct_backward = False
         self._scheduler_configs: list[SchedulerConfig] = []
@@ -342,19 +343,11 @@ class Trainer(RunSetup, FitLoop, OptimizationStep, Evaluation, RunTracking, RunS
 
     @property
     def callback_metrics(self) -> dict[str, torch.Tensor]:
-        return self._metrics.callback_metrics if self._metrics is not None else {}
+        return self.metric_collector.callback_metrics if self.metric_collector is not None else {}
 
     @property
     def progress_bar_metrics(self) -> dict[str, Any]:
-        return self._metrics.progress_bar_metrics if self._metrics is not None else {}
-
-    @property
-    def metric_collector(self) -> MetricCollector | None:
-        """Where ``TrainingModule.log`` records values: this run's collector (None outside fit/validate/test).
-
-        The interface between ``self.log`` and the trainer, not part of the public API.
-        """
-        return self._metrics
+        return self.metric_collector.progress_bar_metrics if self.metric_collector is not None else {}
 
     def effective_lrs(self, opt_idx: int) -> list[float]:
         """Per param group of optimizer ``opt_idx``, the learning rate of its next real step (warm-up applied).
@@ -644,7 +637,7 @@ class Trainer(RunSetup, FitLoop, OptimizationStep, Evaluation, RunTracking, RunS
             return ckpt_io.save(os.fspath(path), self._checkpoint_parts(), lambda c: self._hooks("on_save_checkpoint", c))
 
     def _checkpoint_parts(self) -> ckpt_io.CheckpointParts:
-        if self._module is None or self._metrics is None:
+        if self._module is None or self.metric_collector is None:
             raise TrainingError("save_checkpoint() needs a module being trained: call it during or after fit().")
         return ckpt_io.CheckpointParts(
             accelerator=self.accelerator,
@@ -655,7 +648,7 @@ class Trainer(RunSetup, FitLoop, OptimizationStep, Evaluation, RunTracking, RunS
             schedulers=[cfg.scheduler for cfg in self._scheduler_configs],
             state=self.state,
             callbacks=self.callbacks,
-            callback_metrics=self._metrics.callback_metrics,
+            callback_metrics=self.metric_collector.callback_metrics,
             train_loader=self._train_loader,
             epoch_start=self._epoch_start,
             run=self._run_record,
