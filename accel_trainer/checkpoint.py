@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import compatibility, integrity
+from . import collectives, compatibility, integrity
 from .errors import CheckpointError
 
 FORMAT = "accel_trainer/1"
@@ -61,7 +61,7 @@ SHARDS_DIR = "shards"
 
 
 def capture_rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
+    np_state: Any = np.random.get_state()
     state = {
         "python": _to_lists(random.getstate()),
         "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
@@ -381,20 +381,20 @@ def save(path: str, parts: CheckpointParts, on_save: Callable[[dict[str, Any]], 
         if accelerator.is_main_process:
             integrity.record(checkpoint)
             atomic_save(checkpoint, path)
-        accelerator.wait_for_everyone()
+        collectives.barrier(accelerator)
         return True
     if on_save is not None:
         on_save(checkpoint)
     staging = _agreed_staging_directory(path, accelerator)
     meta = engine.save_payload(os.path.join(staging, engine.payload_dir), parts.module, parts.wrapper, parts.optimizers)
     checkpoint["sharded"] = {"payload_dir": engine.payload_dir, **meta}
-    accelerator.wait_for_everyone()  # every rank's shards are on disk
+    collectives.barrier(accelerator)  # every rank's shards are on disk
     files = _payload_digests(staging, parts)  # each rank hashes the files it wrote
     if accelerator.is_main_process:
         integrity.record(checkpoint, files)
         atomic_save(checkpoint, os.path.join(staging, STATE_FILE))
         publish(staging, path)
-    accelerator.wait_for_everyone()
+    collectives.barrier(accelerator)
     return True
 
 
@@ -422,10 +422,8 @@ def _payload_digests(directory: str, parts: CheckpointParts) -> dict[str, str]:
     }
     if world == 1:
         return mine
-    from accelerate.utils import gather_object
-
     merged: dict[str, str] = {}
-    for part in gather_object([mine]):
+    for part in collectives.gather_objects([mine]):
         merged.update(part)
     return merged
 
@@ -451,10 +449,8 @@ def nonfinite_weights(wrapper: torch.nn.Module, accelerator: Any = None, module:
     local_bad = [n for n, ok in zip(names, torch.stack(flags).tolist() if flags else []) if not ok]
     count = len(local_bad)
     if accelerator is not None and accelerator.num_processes > 1:
-        import torch.distributed as dist
-
         total = torch.tensor([float(count)], device=accelerator.device)
-        dist.all_reduce(total, op=dist.ReduceOp.MAX)
+        collectives.all_reduce_max_(total)
         count = int(total.item())
     return local_bad if count else None
 
@@ -480,26 +476,22 @@ def _refuse_nonfinite(path: str, bad: list[str], parts: CheckpointParts) -> None
 
 def _agreed_staging_directory(path: str, accelerator: Any) -> str:
     """A fresh directory beside ``path``, the same on every rank (created by the main process)."""
-    from accelerate.utils import broadcast_object_list
-
     head, tail = os.path.split(os.path.abspath(path))
     name = [os.path.join(head, f".tmp-{tail}-{uuid.uuid4().hex[:12]}")]
     if accelerator.is_main_process:
         os.makedirs(name[0])
     if accelerator.num_processes > 1:
-        broadcast_object_list(name, from_process=0)
+        collectives.broadcast_objects(name, from_process=0)
     return name[0]
 
 
 def _trainer_state(parts: CheckpointParts) -> dict[str, Any]:
     """Everything but the model/optimizer tensors (the same for every engine; a collective)."""
-    from accelerate.utils import gather_object
-
     accelerator, state, loader = parts.accelerator, parts.state, parts.train_loader
     at_boundary = state.batches_done_in_epoch == 0
     epoch_start = capture_epoch_start(loader) if at_boundary or parts.epoch_start is None else parts.epoch_start
     per_rank = {"rng": capture_rng_state(), "epoch_start": epoch_start}
-    rank_states = gather_object([per_rank]) if accelerator.num_processes > 1 else [per_rank]
+    rank_states = collectives.gather_objects([per_rank]) if accelerator.num_processes > 1 else [per_rank]
     checkpoint: dict[str, Any] = {
         "format": FORMAT,
         "engine": parts.engine.label,
@@ -561,11 +553,9 @@ def _verify_payload_files(path: str, checkpoint: dict[str, Any], accelerator: An
     if world == 1:
         integrity.raise_for_files(path, integrity.verify_files(path, files))
         return
-    from accelerate.utils import gather_object
-
     rank = accelerator.process_index
     mine = integrity.verify_files(path, files, [n for i, n in enumerate(names) if i % world == rank])
-    problems = [p for part in gather_object([mine]) for p in part]
+    problems = [p for part in collectives.gather_objects([mine]) for p in part]
     integrity.raise_for_files(path, problems)
 
 

@@ -338,8 +338,8 @@ def ddp_ignore(module: torch.nn.Module, names: list[str]) -> None:
 
     Calls ``torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model``
     (torch 2.13; static, it only records the names on the module), the only way to keep one
-    optimizer's DDP wrapper from reducing another optimizer's parameters. (Called today from
-    ``Trainer._make_dispatchers`` directly; that call site moves here when the trainer's split lands.)
+    optimizer's DDP wrapper from reducing another optimizer's parameters. (Called from
+    ``RunSetup._make_dispatchers``.)
     """
     torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, names)
 

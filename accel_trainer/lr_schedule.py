@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from .errors import ConfigurationError
+from .internals import mark_optimizer_stepped
 from .optim import OptimizationConfig, parse_configure_optimizers, unwrap_optimizer
 from .plan import OptimizerCycle, is_accumulation_boundary, warmup_per_optimizer
 from .scheduling import SchedulerRunner, StepTracker
@@ -439,7 +440,7 @@ class _Simulation:
                 hook(opt, (), {})
             if self._step_lrs[i] is None:  # the first real step of this call is the one the trainer would time
                 self._step_lrs[i] = [float(g["lr"]) for g in opt.param_groups]
-            opt._opt_called = True  # type: ignore[attr-defined]  # tells torch schedulers the optimizer stepped (no order warning)
+            mark_optimizer_stepped(opt)  # tells torch schedulers the optimizer stepped (no order warning)
             for hook in list(opt._optimizer_step_post_hooks.values()):
                 hook(opt, (), {})
 

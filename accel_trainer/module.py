@@ -17,8 +17,6 @@ import torch
 
 from .optim import marked_requires_closure
 
-_UNRESOLVED = object()
-
 if TYPE_CHECKING:  # pragma: no cover
     from .trainer import Trainer
 
@@ -62,6 +60,10 @@ class TrainingModule(torch.nn.Module):
         ...     def configure_optimizers(self):
         ...         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
     """
+
+    # set with object.__setattr__ (not nn.Module's, which would register a Trainer as a submodule)
+    _trainer: Trainer | None
+    _hparams: AttributeDict
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -148,7 +150,9 @@ class TrainingModule(torch.nn.Module):
             *names: only these arguments (default: all).
             ignore: arguments to leave out (e.g. a large tensor or a submodule).
         """
-        frame = inspect.currentframe().f_back
+        here = inspect.currentframe()
+        frame = here.f_back if here is not None else None
+        del here
         try:
             init_args = _collect_init_args(frame)
         finally:
@@ -186,11 +190,11 @@ class TrainingModule(torch.nn.Module):
         (as in Lightning); ``add_dataloader_idx=False`` keeps ``name`` as given, one value over
         every dataloader that logs it.
         """
-        trainer = self._trainer
-        if trainer is None or trainer._metrics is None:
+        collector = self._trainer.metric_collector if self._trainer is not None else None
+        if collector is None:
             warnings.warn(f"self.log({name!r}) was called outside a Trainer run and is ignored.", UserWarning, stacklevel=2)
             return
-        trainer._metrics.log(
+        collector.log(
             name, value, on_step, on_epoch, prog_bar, logger, sync_dist, reduce_fx, batch_size, add_dataloader_idx
         )
 
@@ -308,16 +312,8 @@ class TrainingModule(torch.nn.Module):
         trainer = self._trainer
         if trainer is None:
             self.on_before_zero_grad(optimizer)
-        else:
-            # callbacks, then this module (as in Lightning 0.7 and 2.x); resolved once per fit by the
-            # trainer (None: nobody implements it)
-            hook = getattr(trainer, "_on_before_zero_grad", _UNRESOLVED)
-            if hook is _UNRESOLVED:
-                hooks = getattr(trainer, "_hooks", None)
-                if hooks is not None:
-                    hooks("on_before_zero_grad", optimizer)
-            elif hook is not None:
-                hook(optimizer)
+        elif not getattr(trainer, "simulating", False):  # the LR-schedule preview (lr_schedule.py) runs no hooks
+            trainer.before_zero_grad(optimizer)  # callbacks, then this module (as in Lightning 0.7 and 2.x)
         self.optimizer_zero_grad(current_epoch, batch_nb, optimizer)
 
     def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:

@@ -434,7 +434,7 @@ def check_optimizers_against_module(module: torch.nn.Module, config: Optimizatio
                 UserWarning,
                 stacklevel=3,
             )
-    overridden = type(module).lr_scheduler_step is not _default_lr_scheduler_step()
+    overridden = getattr(type(module), "lr_scheduler_step", None) is not _default_lr_scheduler_step()
     for i, cfg in enumerate(config.schedulers):
         if overridden or is_torch_scheduler(cfg.scheduler):
             continue

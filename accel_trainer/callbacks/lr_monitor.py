@@ -150,7 +150,7 @@ class LearningRateMonitor(Callback):
                 continue
             optimizer = trainer.optimizers[opt_idx]
             raw = unwrap_optimizer(optimizer)
-            lrs = trainer._step_tracker.effective_lrs(opt_idx, optimizer)
+            lrs = trainer.effective_lrs(opt_idx)
             use_betas = "betas" in innermost_optimizer(optimizer).defaults
             for key, lr, group in zip(keys, lrs, raw.param_groups):
                 values[key] = lr

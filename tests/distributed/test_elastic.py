@@ -85,7 +85,7 @@ def test_a_rank_lost_mid_epoch_is_restarted_and_the_job_resumes_exactly(tmp_path
 
 
 def test_restarts_through_the_launchers_shared_store_are_warned_about(monkeypatch):
-    from accel_trainer.trainer import _warn_if_restarts_cannot_reconnect
+    from accel_trainer.launching import warn_if_restarts_cannot_reconnect as _warn_if_restarts_cannot_reconnect
 
     monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "1")
     monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")  # what a static rendezvous sets
