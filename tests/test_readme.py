@@ -47,3 +47,17 @@ def test_the_first_install_block_works_with_and_without_a_gpu():
     assert "WITHOUT a GPU" in lines[0] and "skip" in lines[1] and "WITH a GPU" in lines[1]
     assert lines[1].startswith("pip install -e .")
     assert lines[2] == "accel-trainer fit --config configs/digits_gan.yaml"
+
+
+def test_the_layout_table_lists_every_module_once():
+    """A newcomer finds every module of the package, with its one job, in the README's Layout table."""
+    text = _readme()
+    layout = text[text.index("## Layout") :]
+    listed = re.findall(r"^\| `accel_trainer/([^`]+)` \|", layout, re.M)
+    assert len(listed) == len(set(listed)), "a module is listed twice"
+    package = os.path.join(REPO, "accel_trainer")
+    names = os.listdir(package)
+    expected = {n for n in names if n.endswith(".py")} | {
+        n + "/" for n in names if os.path.isfile(os.path.join(package, n, "__init__.py"))
+    }
+    assert set(listed) == expected, (sorted(expected - set(listed)), sorted(set(listed) - expected))
