@@ -69,7 +69,7 @@ def run_accelerate(data, epochs: int, **accelerator_kwargs):
     from accelerate import Accelerator
     import accelerate.optimizer as accelerate_optimizer
 
-    cached = accelerate_optimizer.is_lomo_available  # time Accelerate's own uncached check
+    cached = accelerate_optimizer.is_lomo_available  # time Accelerate's own uncached check (older accel_trainer cached it)
     accelerate_optimizer.is_lomo_available = getattr(cached, "__wrapped__", cached)
     try:
         accelerator = Accelerator(cpu=True, **accelerator_kwargs)

@@ -103,8 +103,9 @@ def run_torch(p: Preset, data, steps: int) -> nn.Module:
 def run_accelerate(p: Preset, data, steps: int, **accelerator_kwargs) -> nn.Module:
     """The loop a user writes with Accelerate, timed with Accelerate's own per-step checks.
 
-    accel_trainer caches ``accelerate.optimizer.is_lomo_available`` for the whole process
-    once it has run; the cache is undone around this loop so it pays what it would alone.
+    accel_trainer up to issue 16 cached ``accelerate.optimizer.is_lomo_available`` for the whole
+    process once it had run; the cache is undone around this loop so it pays what it would alone
+    (a no-op since issue 17, which patches nothing process-wide; kept to compare older versions).
     """
     from accelerate import Accelerator
     import accelerate.optimizer as accelerate_optimizer
