@@ -13,27 +13,11 @@ import torch
 
 from . import fsdp_jobs
 from .launcher import run_on_ranks
+from .test_fsdp import _full, _run  # the same 2-rank job runner (fsdp_jobs covers every engine)
 
 pytestmark = [pytest.mark.slow, pytest.mark.deepspeed]
 
 STAGES = ("zero1", "zero2", "zero3")
-_CACHE: dict[tuple, dict] = {}
-
-
-def _run(tmp_root, engine: str, case: str, name: str, ckpt_path=None, num_processes: int = 2, **options) -> dict:
-    root = os.path.join(str(tmp_root), name)
-    out = root + ".pt"
-    run_on_ranks(fsdp_jobs.run, args=(engine, case, root, out, ckpt_path, options), num_processes=num_processes)
-    result = torch.load(out, weights_only=False)
-    result["root"] = root
-    return result
-
-
-def _full(tmp_path_factory, engine: str, case: str) -> dict:
-    key = (engine, case)
-    if key not in _CACHE:
-        _CACHE[key] = _run(tmp_path_factory.mktemp("full"), engine, case, f"{engine}-{case}")
-    return _CACHE[key]
 
 
 @pytest.mark.parametrize("stage, case", [("zero1", "f"), ("zero2", "f"), ("zero3", "f"), ("zero2", "a")])

@@ -8,19 +8,15 @@ import subprocess
 import pytest
 
 from .test_fsdp_launch import _env, _explain
-from .test_launch import ACCELERATE, REPO, _free_port
+from .test_fsdp_launch import _launch as _launch_train
+from .test_launch import ACCELERATE, REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.deepspeed]
 
 
 def _launch(launch_args: list[str], root, *trainer_args: str) -> subprocess.CompletedProcess:
-    command = [
-        ACCELERATE, "launch", *launch_args, "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-        "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-        os.path.join(REPO, "launch", "train.py"), "--config", os.path.join(REPO, "configs", "digits_classifier.yaml"),
-        "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false", *trainer_args,
-    ]
-    return subprocess.run(command, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=400)
+    """test_fsdp_launch's launch of launch/train.py, with more time: DeepSpeed's start-up is slower."""
+    return _launch_train(launch_args, root, *trainer_args, timeout=400)
 
 
 def test_launch_deepspeed_yaml_trains_zero2_with_the_trainers_clipping_resumes_and_exports(tmp_path):

@@ -28,14 +28,14 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
-def _launch(launch_args: list[str], root, *trainer_args: str) -> subprocess.CompletedProcess:
+def _launch(launch_args: list[str], root, *trainer_args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     command = [
         ACCELERATE, "launch", *launch_args, "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
         "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
         os.path.join(REPO, "launch", "train.py"), "--config", os.path.join(REPO, "configs", "digits_classifier.yaml"),
         "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false", *trainer_args,
     ]
-    return subprocess.run(command, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    return subprocess.run(command, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
 def _explain(proc: subprocess.CompletedProcess) -> str:
