@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING, Any
 
 from . import checkpoint as ckpt_io
 from . import data as data_utils
+from .launching import say_safely
 from .plan import is_accumulation_boundary, validation_interval
 from .preemption import Preempted, exit_code_for
 from .run_state import RunState
-from .tracking import _say_safely
 
 if TYPE_CHECKING:
     from .trainer import Trainer
@@ -288,7 +288,7 @@ class FitLoop(RunState):
                 outcome = f"checkpoint written to {path} at global_step {self.global_step}"
             else:
                 outcome = f"no checkpoint written (the weights are not finite); {path} is the previous one, if any"
-            _say_safely(
+            say_safely(
                 f"accel_trainer: {cause}; {outcome}. Exiting with code {exit_code_for(signal_name)}; run the same "
                 "command again (ckpt_path='last') to resume."
             )

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import collectives
 from . import run_status as run_records
+from .launching import say_safely
 from .loggers import CSVTracker, build_trackers, log_hyperparams
 from .module import TrainingModule
 from .run_state import RunState
@@ -29,15 +30,6 @@ def _new_run_id() -> str:
     import uuid
 
     return uuid.uuid4().hex[:12]
-
-
-
-def _say_safely(message: str) -> None:
-    """One line on stderr; a closed stderr (the launcher is gone) must not turn it into a crash."""
-    try:
-        print(message, file=sys.stderr, flush=True)
-    except (OSError, ValueError):
-        pass
 
 
 
@@ -200,7 +192,7 @@ class RunTracking(RunState):
                     f"{self.default_root_dir}: {names}{more}."
                 )
             if note:
-                _say_safely(note)
+                say_safely(note)
         if acc.num_processes > 1:
             collectives.barrier(acc)  # the clean-up is done before any rank reads a checkpoint
 
