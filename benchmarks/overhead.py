@@ -17,17 +17,25 @@ Cases (``--case``, repeatable; default: all):
 
 **Paired per-step timing.** On this 2-vCPU machine shared with other jobs, timing two whole
 runs one after the other swings the ratio between identical loops from 0.7x to 2x. So both loops
-run interleaved, step by step, in one process: a callback's ``on_train_batch_start`` runs one
-step of the raw loop (timed on its own) and the trainer's step is the time from the end of that
-hook to the start of the next one, i.e. everything the framework does for one batch (fetching
-the next batch, ``training_step``, backward, the optimizer steps, schedulers, logging and its
-boundaries, counters, hooks) plus one extra hook call, which is counted against the framework.
-Whatever slows the machine hits both loops within the same millisecond. A round is one run of
-``--steps`` paired steps; its ratio is the sum of the trainer's step times over the sum of the raw
-loop's (after ``WARMUP`` steps, and leaving out the pairs where either side took more than 10x its
-median: a preemption of the process, not framework work; their count is printed). The table shows
-the median over rounds, after one uncounted warm-up round. The final weights of the two loops must
-be bit-identical (exit code 1 otherwise).
+run interleaved, step by step, in one process: a callback's ``on_train_batch_end`` runs one step
+of the raw loop (timed on its own) and the trainer's step is the time from the end of that hook to
+the start of the next one, i.e. everything the framework does for one batch (fetching the batch,
+``training_step``, backward, the optimizer steps, schedulers, logging and its boundaries,
+counters, hooks) plus one extra hook call, which is counted against the framework. Whatever slows
+the machine hits both loops within the same millisecond. A round is one run of ``--steps`` paired
+steps; its ratio is the sum of the trainer's step times over the sum of the raw loop's (after
+``WARMUP`` steps, and leaving out the pairs where either side took more than 10x its median: a
+preemption of the process, not framework work; their count is printed). The table shows the
+median over rounds, after one uncounted warm-up round. The final weights of the two loops must be
+bit-identical (exit code 1 otherwise).
+
+**Where the raw step goes matters, and is checked.** Each loop's phases must follow the other
+loop's same phases, or the CPU caches favour one side: with the raw step at the start of a batch
+(after the framework fetched it, an earlier version of this script), the raw loop's fetch ran
+right after the framework's and two identical hand-written loops measured 1.011x against each
+other; at the end of a batch each loop's fetch follows the other's scheduler step and they
+measure 1.000x. ``--case aa`` runs that A/A check: the raw loop paired with a copy of itself,
+in the same position (it needs no framework).
 
 PyTorch Lightning is timed the same way against its own raw loop when ``--lightning-python`` names
 an interpreter that has it (never a dependency of this project; several optimizers there need
@@ -63,7 +71,9 @@ LOG_EVERY = 50
 #: process waits for a core on a busy machine; wall time is what a user waits
 CLOCK = time.thread_time
 CASES = ("mlp", "log10", "log50", "opt2", "opt4", "opt8")
-STEPS = {"mlp": 2000, "log10": 2000, "log50": 2000, "opt2": 500, "opt4": 500, "opt8": 500}
+#: the A/A calibration: two copies of the raw tiny-MLP loop paired the same way (no framework)
+CALIBRATION = "aa"
+STEPS = {"aa": 2000, "mlp": 2000, "log10": 2000, "log50": 2000, "opt2": 500, "opt4": 500, "opt8": 500}
 
 
 def n_logged(case: str) -> int:
@@ -255,7 +265,7 @@ def make_module(base: type, case: str, lightning: bool) -> Any:
 
 
 def make_pairing(base: type, raw: Any) -> Any:
-    """A callback that runs one raw step in every ``on_train_batch_start`` and times both sides."""
+    """A callback that runs one raw step in every ``on_train_batch_end`` and times both sides."""
 
     class Pairing(base):
         def __init__(self) -> None:
@@ -264,7 +274,7 @@ def make_pairing(base: type, raw: Any) -> Any:
             self.raw: list[float] = []
             self.left = None
 
-        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
             entered = CLOCK()
             if self.left is not None:
                 self.framework.append(entered - self.left)
@@ -274,6 +284,52 @@ def make_pairing(base: type, raw: Any) -> Any:
             self.left = CLOCK()
 
     return Pairing()
+
+
+def paired_ratios(framework: list[float], raw: list[float]) -> dict[str, Any]:
+    """The round's figures from the two lists of step times.
+
+    ``framework[k]`` is the framework's step k+1 (from the end of hook k to hook k+1; step 0 has
+    no hook before it), paired with the raw loop's step k+1, ``raw[k + 1]``.
+    """
+    fw, rw = framework[WARMUP:], raw[WARMUP + 1 : len(framework) + 1]
+    mf, mr = statistics.median(fw), statistics.median(rw)
+    kept = [(f, r) for f, r in zip(fw, rw) if f <= OUTLIER * mf and r <= OUTLIER * mr]
+    return {
+        "ratio": sum(f for f, _ in kept) / sum(r for _, r in kept),
+        "median_step_ratio": statistics.median(f / r for f, r in kept),
+        "framework_us": 1e6 * statistics.mean(f for f, _ in kept),
+        "raw_us": 1e6 * statistics.mean(r for _, r in kept),
+        "dropped": len(fw) - len(kept),
+    }
+
+
+def run_calibration_round(steps: int) -> dict[str, Any]:
+    """The A/A check: a raw loop "A" in the framework's place, stepped exactly as the trainer steps
+    a batch (fetch, then the step, then the hook), with the timed raw loop "B" in the hook."""
+    data = make_data(steps)
+    a = RawMLP(data, 0, os.devnull)
+    b = RawMLP(data, 0, os.devnull)
+    batches = iter(make_loader(data))
+    framework: list[float] = []
+    raw: list[float] = []
+    left = None
+    for _ in range(steps):
+        x, y = next(batches)
+        loss = F.mse_loss(a.net(x), y)
+        loss.backward()
+        a.opt.step()
+        a.opt.zero_grad()
+        a.sched.step()
+        entered = CLOCK()  # the hook: as Pairing.on_train_batch_end
+        if left is not None:
+            framework.append(entered - left)
+        t0 = CLOCK()
+        b.step()
+        raw.append(CLOCK() - t0)
+        left = CLOCK()
+    same = all(torch.equal(a.net.state_dict()[k], v) for k, v in b.weights().items())
+    return {**paired_ratios(framework, raw), "same_weights": bool(same)}
 
 
 def run_round(case: str, steps: int, root: str, lightning: bool) -> dict[str, Any]:
@@ -301,20 +357,9 @@ def run_round(case: str, steps: int, root: str, lightning: bool) -> dict[str, An
             log_every_n_steps=LOG_EVERY, callbacks=[pairing],
         )
     trainer.fit(module, make_loader(data))
-    # The trainer's last step has no following hook; the raw loop took one more step: drop it.
-    fw, rw = pairing.framework[WARMUP:], pairing.raw[WARMUP : len(pairing.framework)]
-    mf, mr = statistics.median(fw), statistics.median(rw)
-    kept = [(f, r) for f, r in zip(fw, rw) if f <= OUTLIER * mf and r <= OUTLIER * mr]
     a, b = module.weights(), raw.weights()
     same = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    return {
-        "ratio": sum(f for f, _ in kept) / sum(r for _, r in kept),
-        "median_step_ratio": statistics.median(f / r for f, r in kept),
-        "framework_us": 1e6 * statistics.mean(f for f, _ in kept),
-        "raw_us": 1e6 * statistics.mean(r for _, r in kept),
-        "dropped": len(fw) - len(kept),
-        "same_weights": bool(same),
-    }
+    return {**paired_ratios(pairing.framework, pairing.raw), "same_weights": bool(same)}
 
 
 def run_case(case: str, rounds: int, steps: int | None, lightning: bool) -> dict[str, Any]:
@@ -322,7 +367,10 @@ def run_case(case: str, rounds: int, steps: int | None, lightning: bool) -> dict
     results = []
     with tempfile.TemporaryDirectory(prefix=f"bench_{case}_") as root:
         for r in range(rounds + 1):
-            result = run_round(case, steps, os.path.join(root, str(r)), lightning)
+            if case == CALIBRATION:
+                result = run_calibration_round(steps)
+            else:
+                result = run_round(case, steps, os.path.join(root, str(r)), lightning)
             if r:  # round 0 is the uncounted warm-up
                 results.append(result)
     return {
@@ -353,6 +401,8 @@ def lightning_results(python: str, cases: list[str], rounds: int, steps: int | N
 
 
 def describe(case: str) -> str:
+    if case == CALIBRATION:
+        return "A/A: raw vs raw"
     if case == "mlp":
         return "tiny MLP"
     if case.startswith("log"):
@@ -362,7 +412,8 @@ def describe(case: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--case", choices=CASES, action="append")
+    parser.add_argument("--case", choices=(*CASES, CALIBRATION), action="append",
+                        help=f"repeatable; default: {CALIBRATION!r} (the A/A check of the method) and all of {CASES}")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=None, help="paired steps per round (default: per case)")
     parser.add_argument("--framework", choices=("accel_trainer", "lightning"), default="accel_trainer")
@@ -376,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     os.environ.setdefault("ACCEL_TRAINER_PROGRESS", "off")
-    cases = args.case or list(CASES)
+    cases = args.case or [CALIBRATION, *CASES]
     lightning = args.framework == "lightning"
     if lightning:
         import logging
@@ -387,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(results))
         return 0
-    others = lightning_results(args.lightning_python, cases, args.rounds, args.steps, args.clock) if args.lightning_python else {}
+    others = lightning_results(args.lightning_python, [c for c in cases if c != CALIBRATION], args.rounds, args.steps, args.clock) if args.lightning_python else {}
     print(f"paired per-step timing ({args.clock} clock), {args.rounds} rounds (+1 warm-up), 1 thread, torch {torch.__version__}")
     header = f"{'case':<22}{'steps':>6}{'raw µs/step':>13}{'fw µs/step':>12}{'ratio':>8}{'per-step med':>14}{'dropped':>9}  rounds"
     print(header + ("   Lightning ratio" if others else ""))
