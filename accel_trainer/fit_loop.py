@@ -113,7 +113,7 @@ class FitLoop(RunState):
         n_batches, limit, val_every, validate = epoch.n_batches, epoch.limit, epoch.val_every, epoch.validate
         check_val = validate and bool(val_every)  # validations inside this epoch
         accumulate, boundary = self.gradient_accumulation_steps, is_accumulation_boundary
-        transfer, train_batch = self._transfer, self._train_batch
+        transfer, train_batch = self._transfer, self._lean_batch_step() or self._train_batch
         # on_train_batch_start may return -1 (the module's answer) to end the epoch
         batch_start, batch_end = self._hooks.caller("on_train_batch_start", result=True), self._hooks.caller("on_train_batch_end")
         log_every, sync_every = self.log_every_n_steps, self.check_rank_sync_every_n_steps

@@ -218,6 +218,26 @@ def install_fast_optimizer(optimizer: Any) -> bool:
     return True
 
 
+def direct_optimizer(optimizer: Any) -> Any:
+    """The torch optimizer whose own ``step()``/``zero_grad()`` a step may call instead of the prepared
+    wrapper's, or None.
+
+    Where :func:`install_fast_optimizer` swapped the class in, with no fp16 scaler and while
+    gradients synchronise (the caller checks that), ``FastAcceleratedOptimizer.step`` is
+    ``self.optimizer.step(None)`` and its ``zero_grad`` is ``self.optimizer.zero_grad(set_to_none=True)``
+    (``zero_grad()`` for an optimizer whose ``zero_grad`` takes no ``set_to_none``): the one-process
+    training step calls those itself (``OptimizationStep._train_batch_lean``), a call layer fewer per
+    step. The caller reads ``.optimizer`` through the wrapper's ``optimizer`` attribute on each step
+    and looks ``step`` up on it then, since LR schedulers and Accelerate patch the instance's ``step``.
+    """
+    cls = _FAST_CLASSES.get("fast")  # None until install_fast_optimizer swapped one in
+    if cls is None or type(optimizer) is not cls or getattr(optimizer, "scaler", None) is not None:
+        return None
+    if "step" in vars(optimizer) or "zero_grad" in vars(optimizer):
+        return None
+    return optimizer.optimizer
+
+
 # -- the prepared data loader ---------------------------------------------------------------------
 def accelerator_present() -> bool:
     """Whether this machine has any device besides the CPU (CUDA, MPS, XPU …)."""

@@ -43,7 +43,12 @@ def is_metric_object(value: Any) -> bool:
 
 def extract_batch_size(batch: Any) -> int:
     """Size of the first dimension of the first tensor found in ``batch`` (1 if none)."""
-    if type(batch) is torch.Tensor or isinstance(batch, torch.Tensor):  # the exact type first: isinstance is slow here
+    batch_type = type(batch)
+    if (batch_type is tuple or batch_type is list) and batch and type(batch[0]) is torch.Tensor and batch[0].ndim:
+        size = batch[0].shape[0]  # the usual (inputs, targets) batch, without the walk below (once per batch)
+        if size:
+            return size
+    if batch_type is torch.Tensor or isinstance(batch, torch.Tensor):  # the exact type first: isinstance is slow here
         return int(batch.shape[0]) if batch.ndim > 0 else 1
     if isinstance(batch, (list, tuple)):
         for item in batch:
@@ -60,7 +65,7 @@ def extract_batch_size(batch: Any) -> int:
     return 1
 
 
-@dataclass
+@dataclass(eq=False, slots=True)  # slots: its attributes are read and set for every logged value
 class _Entry:
     name: str
     on_step: bool
@@ -79,6 +84,8 @@ class _Entry:
     dataloaders: set = field(default_factory=set)  # the dataloaders that logged it (empty: an epoch-end hook)
     auto: bool = False  # logged by the trainer from a scalar returned by validation_step/test_step
     pending: int = -1  # the MetricCollector flush generation in which an add to epoch_sum waits
+    key: str = field(init=False)  # name + suffix
+    step_keys: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
         self.key = self.name + self.suffix
@@ -196,7 +203,7 @@ class MetricCollector:
         options = (on_step, on_epoch, reduce_fx, batch_size is None, add_dataloader_idx)
         if self._fast_ok and type(value) is torch.Tensor:
             fast = self._fast.get(name)
-            if fast is not None and fast[0] == options and value.dim() == 0:
+            if fast is not None and fast[0] == options and not value.ndim:
                 # A training_step call like the one that created this entry: the same decisions
                 # (below, in full) without taking them again -- this runs for every value, every step.
                 entry = fast[1]

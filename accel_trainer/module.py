@@ -190,7 +190,8 @@ class TrainingModule(torch.nn.Module):
         (as in Lightning); ``add_dataloader_idx=False`` keeps ``name`` as given, one value over
         every dataloader that logs it.
         """
-        collector = self._trainer.metric_collector if self._trainer is not None else None
+        trainer = self._trainer
+        collector = trainer.metric_collector if trainer is not None else None
         if collector is None:
             warnings.warn(f"self.log({name!r}) was called outside a Trainer run and is ignored.", UserWarning, stacklevel=2)
             return

@@ -20,6 +20,7 @@ import torch
 from . import collectives
 from .errors import ConfigurationError, TrainingError
 from .hooks import _overrides
+from .internals import direct_optimizer
 from .module import TrainingModule
 from .run_state import RunState
 
@@ -158,6 +159,83 @@ class OptimizationStep(RunState):
             guard.end_batch(self._where)  # accelerators: start copying this batch's flags to the host
         return outputs
 
+
+    def _lean_batch_step(self: Trainer) -> Callable[[Any, int, bool], Any] | None:
+        """:meth:`_train_batch_lean` when this run is the one it covers, else None (the general path).
+
+        It covers the commonest run: one process, automatic optimization with one optimizer and
+        its default ``optimizer_step``/``optimizer_zero_grad``, no accumulation, clipping or
+        per-step hooks, ``training_step`` called directly (no autocast or DDP wrapper), and a
+        prepared optimizer whose ``step``/``zero_grad`` only forward to torch's
+        (:func:`~accel_trainer.internals.direct_optimizer`). Decided once per epoch.
+        """
+        if not (
+            self._automatic
+            and len(self._optimizers) == 1
+            and self._fixed_optimizers is not None
+            and self._one_process
+            and self.gradient_accumulation_steps == 1
+            and self._call_directly
+            and self._direct_backward
+            and self._plain_step[0]
+            and self._default_zero_grad
+            and self.gradient_clip_val is None
+            and self._toggle is None
+        ):
+            return None
+        hooks = (self._on_before_backward, self._on_after_backward, self._on_before_optimizer_step, self._on_before_zero_grad)
+        guard = self._guard
+        if any(h is not None for h in hooks) or guard is None or guard.poison_backward:
+            return None
+        if direct_optimizer(self._optimizers[0]) is None:
+            return None
+        return self._train_batch_lean
+
+    def _train_batch_lean(self: Trainer, batch: Any, batch_idx: int, is_boundary: bool) -> Any:
+        """:meth:`_train_batch` with :meth:`_optimize` and :meth:`_forward_backward` inlined for the run
+        :meth:`_lean_batch_step` describes: the same calls in the same order, minus the branches
+        that cannot apply and two call layers (issue 16: the fixed per-step cost)."""
+        if _GLOBAL_PRE or _GLOBAL_POST or _GLOBAL_BACKWARD_PRE or _GLOBAL_BACKWARD or not is_boundary:
+            return self._train_batch(batch, batch_idx, is_boundary)  # a global module hook appeared: the full path
+        if self._gradient_state.sync_gradients is not True:
+            self.accelerator.sync_gradients = True
+        self._batch_idx = batch_idx
+        output = self._last_output = self._module.training_step(batch, batch_idx)  # type: ignore[union-attr]
+        loss: torch.Tensor | None
+        if type(output) is torch.Tensor and output.requires_grad and output.numel() == 1:
+            loss = output
+        else:
+            loss = self._extract_loss(output, 0)
+        guard = self._guard
+        assert guard is not None  # _lean_batch_step checked
+        if loss is not None:
+            loss.backward()
+            self._last_losses[0] = loss
+            self._last_loss = loss
+            wrapper = self._optimizers[0]
+            if guard.check_step(0, loss, self._where):
+                wrapper.zero_grad()  # on_nonfinite_loss="skip": no step; its gradients must not reach the next one
+            else:
+                optimizer = wrapper.optimizer  # FastAcceleratedOptimizer's step/zero_grad, called directly
+                steps = self.state.optimizer_steps
+                before = steps[0]
+                optimizer.step()
+                if wrapper._accel_trainer_set_to_none:
+                    optimizer.zero_grad(set_to_none=True)
+                else:
+                    optimizer.zero_grad()
+                after = steps[0]
+                if after != before:
+                    every_step = self._every_step[0]
+                    if every_step is not None and after == before + 1:
+                        for scheduler in every_step:
+                            scheduler.step()
+                    else:
+                        assert self._runner is not None  # set by fit
+                        self._runner.after_optimizer_steps(0, before, after)
+        if guard.deferred:
+            guard.end_batch(self._where)
+        return output
 
     def _optimize(self: Trainer, batch: Any, batch_idx: int, opt_idx: int, is_boundary: bool) -> Any:
         if self._toggle is not None:

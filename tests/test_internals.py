@@ -188,6 +188,23 @@ def test_fast_zero_grad_refuses_set_to_none_like_accelerate_when_the_optimizer_h
         opt.zero_grad()
 
 
+def test_direct_optimizer_only_where_the_wrapper_would_only_forward_the_call():
+    """The lean one-process step calls the torch optimizer's step/zero_grad itself only where the
+    prepared wrapper's own would do nothing else: fast class installed, no scaler, no instance override."""
+    _, stock = _prepared()
+    assert internals.direct_optimizer(stock) is None  # Accelerate's own class: its step is not mirrored
+    _, fast = _prepared()
+    assert internals.install_fast_optimizer(fast)
+    assert internals.direct_optimizer(fast) is fast.optimizer
+    _, scaled = _prepared(scaler=torch.amp.GradScaler("cpu"))
+    assert internals.install_fast_optimizer(scaled)
+    assert internals.direct_optimizer(scaled) is None  # the scaler protocol runs in the wrapper's step
+    _, patched = _prepared()
+    assert internals.install_fast_optimizer(patched)
+    patched.step = lambda closure=None: None  # a user's (or a library's) instance-level step
+    assert internals.direct_optimizer(patched) is None
+
+
 def test_prepared_optimizer_pickles_and_deep_copies():
     model, opt = _prepared()
     assert internals.install_fast_optimizer(opt)
