@@ -235,7 +235,8 @@ def direct_optimizer(optimizer: Any) -> Any:
         return None
     if "step" in vars(optimizer) or "zero_grad" in vars(optimizer):
         return None
-    return optimizer.optimizer
+    wrapper: Any = optimizer  # mypy narrows it to the class made at run time
+    return wrapper.optimizer
 
 
 # -- the prepared data loader ---------------------------------------------------------------------
