@@ -310,12 +310,11 @@ def run_calibration_round(steps: int) -> dict[str, Any]:
     data = make_data(steps)
     a = RawMLP(data, 0, os.devnull)
     b = RawMLP(data, 0, os.devnull)
-    batches = iter(make_loader(data))
     framework: list[float] = []
     raw: list[float] = []
     left = None
     for _ in range(steps):
-        x, y = next(batches)
+        x, y = next(a.batches)  # A's own loader, as RawMLP.step fetches
         loss = F.mse_loss(a.net(x), y)
         loss.backward()
         a.opt.step()
